@@ -1,0 +1,244 @@
+"""NBLoRALinear: a frozen nn.Linear plus a norm-bounded low-rank update.
+
+Both parameterizations reduce to three factors, W = P_out · diag(g) · P_inᵀ:
+  II (default, paper eq. 8): [Aᵀ; Bᵀ] = Cayley([Ãᵀ; B̃ᵀ]), P_in = Aᵀ, P_out = Bᵀ, g = 2s.
+  I  (paper §3.2):           P_in = Cayley(Ṽ), P_out = Cayley(Ũ), g = clamp(d̃, -s, s).
+Forward, delta_weight, merge and export all go through those factors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bounds import bound_vector, check_delta, fit_bound, parse_p, project_to_ball, s_tilde_for, schatten_norm
+from .cayley import cayley, cayley_sign_flip, inverse_cayley
+
+PARAMETERIZATIONS = ("I", "II")
+
+Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # P_in (n, r), P_out (m, r), g (r,)
+
+
+class NBLoRALinear(nn.Module):
+    """y = base_layer(x) + 2·((x Aᵀ) S) B with every singular value of the update bounded by s."""
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        rank: int,
+        p: float | str = math.inf,
+        delta: float = 1.0,
+        parameterization: str = "II",
+        dropout: float = 0.0,
+        init_std: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise ValueError(f"NB-LoRA wraps nn.Linear layers, got {type(base_layer).__name__}")
+        m, n = base_layer.out_features, base_layer.in_features
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
+            raise ValueError(f"rank must be an integer in [1, min(out, in) = {min(m, n)}], got {rank!r}")
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be 'I' or 'II', got {parameterization!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)
+        self.in_features, self.out_features = n, m
+        self.rank, self.p, self.parameterization = rank, parse_p(p), parameterization
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        w = base_layer.weight
+        kw = {"device": w.device, "dtype": torch.float64 if w.dtype == torch.float64 else torch.float32}
+        self.register_buffer("nblora_delta", torch.tensor(check_delta(delta), **kw))
+        # "Ã small random, B̃ = 0": the Cayley image then has B = 0, so W = 0 at init (paper §3.1)
+        std = init_std if init_std is not None else 1.0 / math.sqrt(n)
+        if parameterization == "II":
+            self.nblora_A = nn.Parameter(torch.randn(rank, n, **kw) * std)  # Ã (r, n)
+            self.nblora_B = nn.Parameter(torch.zeros(rank, m, **kw))  # B̃ (r, m)
+        else:
+            self.nblora_U = nn.Parameter(torch.randn(m, rank, **kw) * (1.0 / math.sqrt(m)))  # Ũ (m, r)
+            self.nblora_V = nn.Parameter(torch.randn(n, rank, **kw) * std)  # Ṽ (n, r)
+            self.nblora_d = nn.Parameter(torch.zeros(rank, **kw))  # d̃ (r,): d = 0 -> W = 0
+        self.nblora_s = nn.Parameter(torch.zeros(rank, **kw))  # s̃ (r,): uniform split of δ
+        self.merged = False
+        self._scale = 1.0
+        self._stash: tuple | None = None  # factors with a graph, set by the model-level batched pass
+        self._cache: tuple | None = None  # detached factors for no-grad forwards
+        self._apply_cache: tuple | None = None  # factors cast/scaled for one dtype
+
+    # -- factors --------------------------------------------------------------------------------
+    @property
+    def delta(self) -> float:
+        return float(self.nblora_delta)
+
+    def free_tensors(self) -> list[torch.Tensor]:
+        return [t for name, t in self.named_parameters(recurse=False)] + [self.nblora_delta]
+
+    def _key(self) -> tuple:
+        return tuple((t._version, t.data_ptr(), t.dtype, str(t.device)) for t in self.free_tensors())
+
+    def cayley_inputs(self) -> list[torch.Tensor]:
+        """The tall matrices this layer sends through the Cayley transform."""
+        if self.parameterization == "II":
+            return [torch.cat([self.nblora_A.mT, self.nblora_B.mT], dim=0)]  # (n + m, r)
+        return [self.nblora_U, self.nblora_V]
+
+    def factors_from(self, outputs: list[torch.Tensor]) -> Factors:
+        """(P_in, P_out, g) from the Cayley outputs of ``cayley_inputs()``, scale not applied."""
+        s = self.bound_vector_unscaled()
+        if self.parameterization == "II":
+            (Q,) = outputs
+            return Q[: self.in_features], Q[self.in_features :], 2.0 * s
+        U, V = outputs
+        d = torch.minimum(torch.maximum(self.nblora_d, -s), s)  # projection into [-s, s]
+        return V, U, d
+
+    def compute_factors(self) -> Factors:
+        return self.factors_from([cayley(F) for F in self.cayley_inputs()])
+
+    def set_stash(self, factors: Factors) -> None:
+        self._stash = (self._key(), factors)
+
+    def set_cache(self, factors: Factors) -> None:
+        self._cache = (self._key(), tuple(f.detach() for f in factors))
+
+    def _needs_graph(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in self.parameters(recurse=False))
+
+    def cache_valid(self) -> bool:
+        return self._cache is not None and self._cache[0] == self._key()
+
+    def factors(self) -> Factors:
+        """Current factors: from the batched pass, from the no-grad cache, or computed here."""
+        if self._needs_graph():
+            if self._stash is not None and self._stash[0] == self._key():
+                return self._stash[1]
+            return self.compute_factors()
+        if not self.cache_valid():
+            with torch.no_grad():
+                self.set_cache(self.compute_factors())
+        return self._cache[1]
+
+    # -- public API -----------------------------------------------------------------------------
+    @property
+    def scale(self) -> float:
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        """Multiplies the bound (and every singular value of the update): the inference slider."""
+        value = float(value)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"scale must be a finite number >= 0, got {value}")
+        if self.merged:
+            self.unmerge()
+            self._scale = value
+            self.merge()
+        else:
+            self._scale = value
+
+    def bound_vector_unscaled(self) -> torch.Tensor:
+        return bound_vector(self.nblora_s, self.p, self.nblora_delta)
+
+    def bound_vector(self) -> torch.Tensor:
+        """Bounds s (r,) on the singular values of the update, runtime scale included."""
+        return self.bound_vector_unscaled() * self._scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update W, shape (out, in), in the adapter's dtype (float32 or float64)."""
+        P_in, P_out, g = self.factors()
+        return (P_out * (g * self._scale)) @ P_in.mT  # (m, r) @ (r, n) -> (m, n)
+
+    def merge(self) -> None:
+        if self.merged:
+            raise ValueError("adapter is already merged")
+        with torch.no_grad():
+            w = self.base_layer.weight
+            w.add_(self.delta_weight().to(w.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise ValueError("adapter is not merged")
+        with torch.no_grad():
+            w = self.base_layer.weight
+            w.sub_(self.delta_weight().to(w.dtype))
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged or self._scale == 0.0:
+            return y
+        if self._needs_graph():
+            P_in, P_out, g = self.factors()
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            h = F.linear(self.dropout(x), P_in.mT.to(dtype))  # (..., n) @ (n, r) -> (..., r)
+            return y + F.linear(h, (P_out * (g * self._scale)).to(dtype))  # (..., r) @ (r, m) -> (..., m)
+        P_in_t, P_out_g = self._applied(x.dtype)
+        return y + F.linear(F.linear(x, P_in_t), P_out_g)
+
+    def _applied(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached (P_inᵀ, P_out·g·scale) in the input dtype: two matmuls per inference forward."""
+        key = (self._key(), dtype, self._scale)
+        if self._apply_cache is None or self._apply_cache[0] != key or not self.cache_valid():
+            P_in, P_out, g = self.factors()
+            self._apply_cache = (key, P_in.mT.to(dtype).contiguous(), (P_out * (g * self._scale)).to(dtype))
+        return self._apply_cache[1], self._apply_cache[2]
+
+    def extra_repr(self) -> str:
+        p = "inf" if math.isinf(self.p) else f"{self.p:g}"
+        return f"rank={self.rank}, p={p}, delta={self.delta:g}, parameterization={self.parameterization}"
+
+    # -- completeness: any bounded W is reachable (paper Appendix A-B) --------------------------
+    @torch.no_grad()
+    def set_delta_weight(self, W: torch.Tensor, project: bool = False) -> dict:
+        """Set the free parameters so that ``delta_weight()`` equals W.
+
+        W must have rank <= r and Schatten-p norm <= δ·scale; otherwise ValueError, or with
+        ``project=True`` its singular values are truncated to rank r and mapped into the bound.
+        Returns a report: the norm of W, the bound, and the relative Frobenius change made.
+        """
+        m, n, r, p = self.out_features, self.in_features, self.rank, self.p
+        if tuple(W.shape) != (m, n):
+            raise ValueError(f"W must have shape {(m, n)}, got {tuple(W.shape)}")
+        if self.merged:
+            raise ValueError("unmerge the adapter before setting its weight")
+        if self._scale == 0:
+            raise ValueError("cannot set the weight of an adapter whose scale is 0")
+        W64 = W.detach().to(torch.float64) / self._scale
+        delta = float(self.nblora_delta)
+        U, sigma, Vh = torch.linalg.svd(W64, full_matrices=False)
+        tol = 1e-10 * max(float(sigma[0]) if sigma.numel() else 0.0, 1e-300)
+        norm_all = float(schatten_norm(sigma, p))
+        if sigma.numel() > r and float(sigma[r]) > tol and not project:
+            raise ValueError(f"W has rank > {r} (singular value {r + 1} is {float(sigma[r]):.3g}); pass project=True")
+        U, sigma, V = U[:, :r], sigma[:r].clone(), Vh[:r].mT
+        norm = float(schatten_norm(sigma, p))
+        if norm > delta * (1 + 1e-9):
+            if not project:
+                raise ValueError(
+                    f"W has Schatten-{p:g} norm {norm:.6g}, above the bound {delta:.6g} by "
+                    f"{norm / delta - 1:.3%}; pass project=True to clip it onto the bound"
+                )
+            sigma = project_to_ball(sigma, p, delta)
+        s = fit_bound(sigma, p, delta)
+        sigma = torch.minimum(sigma, s)
+        if self.parameterization == "II":
+            theta = 0.5 * torch.asin((sigma / s).clamp(0, 1))  # 2·sin θ·cos θ·s = σ
+            Q = torch.cat([V * torch.cos(theta), U * torch.sin(theta)], dim=0)  # [Aᵀ; Bᵀ] (n + m, r)
+            Q = Q * cayley_sign_flip(Q[:r])  # column signs flip a_i and b_i together: W unchanged
+            Fm = inverse_cayley(Q)
+            self.nblora_A.copy_(Fm[:n].mT)
+            self.nblora_B.copy_(Fm[n:].mT)
+        else:
+            sign_u, sign_v = cayley_sign_flip(U[:r]), cayley_sign_flip(V[:r])
+            self.nblora_U.copy_(inverse_cayley(U * sign_u))
+            self.nblora_V.copy_(inverse_cayley(V * sign_v))
+            self.nblora_d.copy_(sigma * sign_u * sign_v)
+        self.nblora_s.copy_(s_tilde_for(s, p))
+        new = (U * sigma) @ V.mT
+        change = float(torch.linalg.matrix_norm(new - W64) / torch.linalg.matrix_norm(W64).clamp(min=1e-300))
+        return {"norm": norm_all, "bound": delta, "relative_change": change}
