@@ -12,7 +12,7 @@ from .bounds import check_delta, parse_p
 @dataclass(frozen=True)
 class NBLoRAConfig:
     rank: int = 4
-    p: float | str = math.inf  # Schatten exponent of the bound: 1 (nuclear), 2 (Frobenius), inf (spectral), any >= 1
+    p: float | str = math.inf  # Schatten exponent: 1 (nuclear), 2 (Frobenius), inf (spectral), any >= 1
     delta: float | None = None  # absolute bound δ on ‖W‖_Sp; exactly one of delta / gamma
     gamma: float | None = None  # relative bound: δ = γ·‖W_p‖_Sp of each base weight (paper §3)
     target_modules: tuple[str, ...] = ()  # module names matched on path boundaries
@@ -25,7 +25,9 @@ class NBLoRAConfig:
             raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
         object.__setattr__(self, "p", parse_p(self.p))
         if (self.delta is None) == (self.gamma is None):
-            raise ValueError(f"give exactly one of delta and gamma, got delta={self.delta}, gamma={self.gamma}")
+            raise ValueError(
+                f"give exactly one of delta and gamma, got delta={self.delta}, gamma={self.gamma}"
+            )
         if self.delta is not None:
             object.__setattr__(self, "delta", check_delta(self.delta))
         if self.gamma is not None:

@@ -12,10 +12,10 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from .bounds import matrix_schatten_norm
+from .bounds import bound_vector, matrix_schatten_norm
 from .cayley import cayley
 from .config import NBLoRAConfig
-from .layer import NBLoRALinear
+from .layer import NBLoRALinear, gain
 
 _HOOK_ATTR = "_nblora_materializer"
 
@@ -38,11 +38,11 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def materialize(layers: Iterable[NBLoRALinear]) -> None:
-    """Compute the factors of many adapters with one batched Cayley call per shape group.
+    """Compute the factors of many adapters with one batched Cayley call per (q, r) shape group.
 
     Layers that need a graph (training) get fresh factors stashed for this forward; frozen or
-    no-grad layers whose cache was never filled get it filled. The per-layer path computes the same
-    values (``NBLoRALinear.compute_factors``).
+    no-grad layers whose cache is missing or stale get it refilled. The per-layer path computes the
+    same values (``NBLoRALinear.compute_factors``).
     """
     graph, cached = [], []
     for layer in layers:
@@ -50,7 +50,7 @@ def materialize(layers: Iterable[NBLoRALinear]) -> None:
             continue
         if layer._needs_graph():
             graph.append(layer)
-        elif layer._cache is None:
+        elif not layer.cache_valid():
             cached.append(layer)
     if graph:
         _batched(graph, stash=True)
@@ -60,18 +60,45 @@ def materialize(layers: Iterable[NBLoRALinear]) -> None:
 
 
 def _batched(layers: list[NBLoRALinear], stash: bool) -> None:
-    inputs = [layer.cayley_inputs() for layer in layers]
-    groups: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
-    for i, mats in enumerate(inputs):
-        for j, F in enumerate(mats):
-            groups[(tuple(F.shape), F.dtype, F.device)].append((i, j))
-    outputs: list[list] = [[None] * len(mats) for mats in inputs]
+    blocks = [layer.cayley_blocks() for layer in layers]  # blocks of Fᵀ: (r, q_k) each
+    groups: dict[tuple, list[tuple[int, int]]] = defaultdict(list)  # (q, r, dtype, device) -> (layer, matrix)
+    for i, mats in enumerate(blocks):
+        for j, parts in enumerate(mats):
+            q, r = sum(b.shape[-1] for b in parts), parts[0].shape[-2]
+            groups[(q, r, parts[0].dtype, parts[0].device)].append((i, j))
+    outputs: list[list] = [[None] * len(mats) for mats in blocks]
     for members in groups.values():
-        Q = cayley(torch.stack([inputs[i][j] for i, j in members]))  # (L, q, r)
-        for (i, j), Qi in zip(members, Q.unbind(0)):
-            outputs[i][j] = Qi
-    for layer, outs in zip(layers, outputs):
-        factors = layer.factors_from(outs)
+        parts = [blocks[i][j] for i, j in members]
+        sizes = [b.shape[-1] for b in parts[0]]
+        if len(sizes) == 1:
+            F = torch.stack([p[0].mT for p in parts])  # (L, q, r)
+        elif all([b.shape[-1] for b in p] == sizes for p in parts):
+            # stack each block across layers, concatenate once along Fᵀ's rows: no per-layer cat
+            F = torch.cat([torch.stack(col) for col in zip(*parts, strict=True)], dim=-1).mT  # (L, q, r)
+        else:  # same q from different splits, e.g. (n, m) and (m, n) layers
+            F = torch.stack([torch.cat(p, dim=-1).mT for p in parts])
+            sizes = None
+        Q = cayley(F)  # (L, q, r)
+        if sizes is None:
+            per_member = [(Qi,) for Qi in Q.unbind(0)]
+        else:
+            per_member = list(zip(*(block.unbind(0) for block in Q.split(sizes, dim=-2)), strict=True))
+        for (i, j), out in zip(members, per_member, strict=True):
+            outputs[i][j] = out if sizes is not None else out[0]
+    gains: list = [None] * len(layers)
+    g_groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, layer in enumerate(layers):
+        s_tilde = layer.nblora_s
+        g_groups[(layer.p, layer.parameterization, layer.rank, s_tilde.dtype, s_tilde.device)].append(i)
+    for (p, parameterization, *_), members in g_groups.items():
+        s_tilde = torch.stack([layers[i].nblora_s for i in members])  # (L, r)
+        delta = torch.stack([layers[i].nblora_delta for i in members]).unsqueeze(-1)  # (L, 1)
+        d = torch.stack([layers[i].nblora_d for i in members]) if parameterization == "I" else None
+        g = gain(parameterization, bound_vector(s_tilde, p, delta), d)  # (L, r)
+        for i, g_i in zip(members, g.unbind(0), strict=True):
+            gains[i] = g_i
+    for layer, outs, g in zip(layers, outputs, gains, strict=True):
+        factors = layer.factors_from(outs, g)
         layer.set_stash(factors) if stash else layer.set_cache(factors)
 
 
@@ -96,7 +123,9 @@ def inject_nblora(model: nn.Module, config: NBLoRAConfig) -> list[str]:
         raise ValueError(f"config must be an NBLoRAConfig, got {type(config).__name__}")
     found = [(n, m) for n, m in model.named_modules() if n and matches(n, config.target_modules)]
     if not found:
-        raise ValueError(f"no module of {type(model).__name__} matches target_modules {list(config.target_modules)}")
+        raise ValueError(
+            f"no module of {type(model).__name__} matches target_modules {list(config.target_modules)}"
+        )
     inside = {n for n, _ in nblora_layers(model)}
     replaced = []
     for name, module in found:
@@ -104,18 +133,35 @@ def inject_nblora(model: nn.Module, config: NBLoRAConfig) -> list[str]:
             raise ValueError(f"module {name!r} already has an NB-LoRA adapter (inject once per module)")
         if not isinstance(module, nn.Linear):
             raise ValueError(f"target {name!r} is a {type(module).__name__}, NB-LoRA wraps nn.Linear only")
-    for name, module in found:
-        if config.gamma is not None:
-            delta = config.gamma * float(matrix_schatten_norm(module.weight.detach(), config.p))
-            if delta <= 0:
-                raise ValueError(f"relative bound for {name!r} is 0: its base weight is zero")
-        else:
-            delta = config.delta
-        try:
-            layer = NBLoRALinear(module, config.rank, config.p, delta, config.parameterization, config.dropout,
-                                 config.init_std)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+    layers = []  # all layers are built before any is swapped in: a bad match leaves the model untouched
+    grad_flags = [(t, t.requires_grad) for _, module in found for t in module.parameters()]
+    try:
+        for name, module in found:
+            if config.gamma is not None:
+                delta = config.gamma * float(matrix_schatten_norm(module.weight.detach(), config.p))
+                if delta <= 0:
+                    raise ValueError(f"relative bound for {name!r} is 0: its base weight is zero")
+            else:
+                delta = config.delta
+            try:
+                layers.append(
+                    NBLoRALinear(
+                        module,
+                        config.rank,
+                        config.p,
+                        delta,
+                        config.parameterization,
+                        config.dropout,
+                        config.init_std,
+                    )
+                )
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+    except ValueError:
+        for t, flag in grad_flags:  # NBLoRALinear froze the base weights it wrapped
+            t.requires_grad_(flag)
+        raise
+    for (name, _), layer in zip(found, layers, strict=True):
         _set_submodule(model, name, layer)
         replaced.append(name)
     hook = getattr(model, _HOOK_ATTR, None)

@@ -22,6 +22,16 @@ PARAMETERIZATIONS = ("I", "II")
 Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # P_in (n, r), P_out (m, r), g (r,)
 
 
+def gain(parameterization: str, s: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
+    """The diagonal g of W = P_out·diag(g)·P_inᵀ from the bounds s (..., r).
+
+    II: g = 2s (W = 2BᵀSA, paper eq. 8). I: g = d projected into [-s, s] (paper §3.2).
+    """
+    if parameterization == "II":
+        return 2.0 * s
+    return torch.minimum(torch.maximum(d, -s), s)
+
+
 class NBLoRALinear(nn.Module):
     """y = base_layer(x) + 2·((x Aᵀ) S) B with every singular value of the update bounded by s."""
 
@@ -75,38 +85,59 @@ class NBLoRALinear(nn.Module):
         return float(self.nblora_delta)
 
     def free_tensors(self) -> list[torch.Tensor]:
-        return [t for name, t in self.named_parameters(recurse=False)] + [self.nblora_delta]
+        return [*self._parameters.values(), self.nblora_delta]
 
     def _key(self) -> tuple:
-        return tuple((t._version, t.data_ptr(), t.dtype, str(t.device)) for t in self.free_tensors())
+        # called per layer and forward: _parameters directly, not the named_parameters() generator
+        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in self.free_tensors())
+
+    def cayley_blocks(self) -> list[tuple[torch.Tensor, ...]]:
+        """Each tall matrix F this layer sends through the Cayley transform, as blocks of Fᵀ.
+
+        F = cat(blocks, dim=-1)ᵀ. For parameterization II the blocks are the parameters Ã (r, n)
+        and B̃ (r, m) themselves, so the batched path stacks contiguous tensors and concatenates
+        along their rows; Fᵀ is never transposed in memory.
+        """
+        if self.parameterization == "II":
+            return [(self.nblora_A, self.nblora_B)]  # [Ãᵀ; B̃ᵀ]ᵀ = [Ã, B̃]: (r, n + m)
+        return [(self.nblora_U.mT,), (self.nblora_V.mT,)]
 
     def cayley_inputs(self) -> list[torch.Tensor]:
-        """The tall matrices this layer sends through the Cayley transform."""
-        if self.parameterization == "II":
-            return [torch.cat([self.nblora_A.mT, self.nblora_B.mT], dim=0)]  # (n + m, r)
-        return [self.nblora_U, self.nblora_V]
+        """The tall matrices (q, r) this layer sends through the Cayley transform."""
+        return [(torch.cat(b, dim=-1) if len(b) > 1 else b[0]).mT for b in self.cayley_blocks()]
 
-    def factors_from(self, outputs: list[torch.Tensor]) -> Factors:
-        """(P_in, P_out, g) from the Cayley outputs of ``cayley_inputs()``, scale not applied."""
-        s = self.bound_vector_unscaled()
+    def factors_from(self, outputs: list, g: torch.Tensor | None = None) -> Factors:
+        """(P_in, P_out, g) from the Cayley outputs of ``cayley_inputs()``, scale not applied.
+
+        Each output is the (q, r) tensor or the tuple of its row blocks (the blocks of
+        ``cayley_blocks()``, transposed). ``g`` is given when the caller batched it over layers.
+        """
+        blocks = [o if isinstance(o, tuple) else self._split_rows(o, j) for j, o in enumerate(outputs)]
+        if g is None:
+            g = gain(self.parameterization, self.bound_vector_unscaled(), getattr(self, "nblora_d", None))
         if self.parameterization == "II":
-            (Q,) = outputs
-            return Q[: self.in_features], Q[self.in_features :], 2.0 * s
-        U, V = outputs
-        d = torch.minimum(torch.maximum(self.nblora_d, -s), s)  # projection into [-s, s]
-        return V, U, d
+            ((P_in, P_out),) = blocks  # Aᵀ (n, r), Bᵀ (m, r)
+            return P_in, P_out, g
+        (U,), (V,) = blocks
+        return V, U, g
+
+    def _split_rows(self, Q: torch.Tensor, j: int) -> tuple[torch.Tensor, ...]:
+        sizes = [b.shape[-1] for b in self.cayley_blocks()[j]]
+        return tuple(Q.split(sizes, dim=-2))
 
     def compute_factors(self) -> Factors:
         return self.factors_from([cayley(F) for F in self.cayley_inputs()])
 
+    # The factor slots hold plain tuples, never parameters or modules, and are written per layer and
+    # forward: object.__setattr__ skips nn.Module.__setattr__'s registry checks (~10 µs a call).
     def set_stash(self, factors: Factors) -> None:
-        self._stash = (self._key(), factors)
+        object.__setattr__(self, "_stash", (self._key(), factors))
 
     def set_cache(self, factors: Factors) -> None:
-        self._cache = (self._key(), tuple(f.detach() for f in factors))
+        object.__setattr__(self, "_cache", (self._key(), tuple(f.detach() for f in factors)))
 
     def _needs_graph(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in self.parameters(recurse=False))
+        return torch.is_grad_enabled() and any(t.requires_grad for t in self._parameters.values())
 
     def cache_valid(self) -> bool:
         return self._cache is not None and self._cache[0] == self._key()
@@ -114,6 +145,10 @@ class NBLoRALinear(nn.Module):
     def factors(self) -> Factors:
         """Current factors: from the batched pass, from the no-grad cache, or computed here."""
         if self._needs_graph():
+            # a graph forward precedes an optimizer step, and fused optimizers (the transformers
+            # Trainer's default adamw_torch_fused) update parameters without bumping _version
+            object.__setattr__(self, "_cache", None)
+            object.__setattr__(self, "_apply_cache", None)
             if self._stash is not None and self._stash[0] == self._key():
                 return self._stash[1]
             return self.compute_factors()
@@ -174,7 +209,11 @@ class NBLoRALinear(nn.Module):
             return y
         if self._needs_graph():
             P_in, P_out, g = self.factors()
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            dtype = (
+                torch.get_autocast_dtype(x.device.type)
+                if torch.is_autocast_enabled(x.device.type)
+                else x.dtype
+            )
             h = F.linear(self.dropout(x), P_in.mT.to(dtype))  # (..., n) @ (n, r) -> (..., r)
             return y + F.linear(h, (P_out * (g * self._scale)).to(dtype))  # (..., r) @ (r, m) -> (..., m)
         P_in_t, P_out_g = self._applied(x.dtype)
@@ -208,16 +247,24 @@ class NBLoRALinear(nn.Module):
             raise ValueError("unmerge the adapter before setting its weight")
         if self._scale == 0:
             raise ValueError("cannot set the weight of an adapter whose scale is 0")
+        if not W.dtype.is_floating_point or not bool(torch.isfinite(W).all()):
+            raise ValueError(
+                f"W must be a finite floating-point tensor, got dtype {W.dtype} or non-finite values"
+            )
+        # rounding of W's own dtype is not rank or norm: numpy's matrix_rank tolerance max(m, n)·eps
+        rtol = max(1e-10, max(m, n) * torch.finfo(W.dtype).eps)
         W64 = W.detach().to(torch.float64) / self._scale
         delta = float(self.nblora_delta)
         U, sigma, Vh = torch.linalg.svd(W64, full_matrices=False)
-        tol = 1e-10 * max(float(sigma[0]) if sigma.numel() else 0.0, 1e-300)
+        tol = rtol * max(float(sigma[0]) if sigma.numel() else 0.0, 1e-300)
         norm_all = float(schatten_norm(sigma, p))
         if sigma.numel() > r and float(sigma[r]) > tol and not project:
-            raise ValueError(f"W has rank > {r} (singular value {r + 1} is {float(sigma[r]):.3g}); pass project=True")
+            raise ValueError(
+                f"W has rank > {r} (singular value {r + 1} is {float(sigma[r]):.3g}); pass project=True"
+            )
         U, sigma, V = U[:, :r], sigma[:r].clone(), Vh[:r].mT
         norm = float(schatten_norm(sigma, p))
-        if norm > delta * (1 + 1e-9):
+        if norm > delta * (1 + rtol):
             if not project:
                 raise ValueError(
                     f"W has Schatten-{p:g} norm {norm:.6g}, above the bound {delta:.6g} by "

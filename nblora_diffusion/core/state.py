@@ -41,7 +41,9 @@ def load_nblora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
         )
     for key, value in state_dict.items():
         if tuple(value.shape) != tuple(own[key].shape):
-            raise ValueError(f"{key}: shape {tuple(value.shape)} in the file, {tuple(own[key].shape)} in the model")
+            raise ValueError(
+                f"{key}: shape {tuple(value.shape)} in the file, {tuple(own[key].shape)} in the model"
+            )
         if not value.dtype.is_floating_point:
             raise ValueError(f"{key}: expected a floating-point tensor, got {value.dtype}")
     if any(layer.merged for _, layer in nblora_layers(model)):
@@ -51,7 +53,9 @@ def load_nblora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
             own[key].copy_(value.to(own[key].device))
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict) -> None:
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict
+) -> None:
     """safetensors file written to a temporary name and renamed: never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,12 +75,22 @@ def save_nblora(model: nn.Module, path: str | os.PathLike, **metadata) -> None:
     if not tensors:
         raise ValueError("model has no NB-LoRA adapters to save")
     layers = {
-        name: {"rank": l.rank, "p": "inf" if l.p == float("inf") else l.p, "delta": l.delta,
-               "parameterization": l.parameterization, "in_features": l.in_features, "out_features": l.out_features}
+        name: {
+            "rank": l.rank,
+            "p": "inf" if l.p == float("inf") else l.p,
+            "delta": l.delta,
+            "parameterization": l.parameterization,
+            "in_features": l.in_features,
+            "out_features": l.out_features,
+        }
         for name, l in nblora_layers(model)
     }
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "configs": json.dumps(injected_configs(model)),
-            "layers": json.dumps(layers)}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "configs": json.dumps(injected_configs(model)),
+        "layers": json.dumps(layers),
+    }
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     atomic_save_safetensors(tensors, path, meta)
 

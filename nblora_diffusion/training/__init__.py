@@ -1,1 +1,6 @@
-"""training"""
+"""DreamBooth training with NB-LoRA or PEFT baselines: the library behind train_dreambooth.py."""
+
+from .config import TrainConfig, build_parser
+from .loop import TrainCallbacks, TrainingError, TrainResult, train
+
+__all__ = ["TrainCallbacks", "TrainConfig", "TrainResult", "TrainingError", "build_parser", "train"]

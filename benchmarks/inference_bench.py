@@ -1,0 +1,168 @@
+"""Inference speed of NB-LoRA on the SD1.5 architecture (random weights): images/s ratios in one run.
+
+Variants, timed round-robin on one pipeline so that machine noise hits all of them alike:
+  base      the plain pipeline
+  unmerged  NB-LoRA on the UNet attention projections, factors materialised once (cached)
+  merged    the same adapter merged into the weights
+  peft      the same update as a plain LoRA (our diffusers export) loaded by diffusers' load_lora_weights
+
+    python benchmarks/inference_bench.py                      # CPU: 256 px, fp32
+    python benchmarks/inference_bench.py --device cuda        # (default with CUDA) 512 px, fp16
+
+Prints the median seconds per image of each variant and its images/s relative to base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from nblora_diffusion.core import load_nblora_state_dict, materialize, nblora_layers, nblora_state_dict
+from nblora_diffusion.diffusion import (
+    add_nblora,
+    export_diffusers_lora,
+    make_config,
+    merge_adapter,
+    remove_adapter,
+)
+
+SD15_UNET = dict(
+    sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)  # fmt: skip
+SD_VAE = dict(
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
+)  # fmt: skip
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, vocab_size=49408)  # fmt: skip
+
+
+def sd15_pipeline(device: str, dtype: torch.dtype):
+    """SD1.5's UNet, VAE and CLIP-L text encoder at full size with random weights (no download)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from nblora_diffusion.testing.tiny_sd import _scheduler, _tokenizer
+
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**SD_VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L)),
+        tokenizer=_tokenizer(),  # a small BPE vocabulary: token ids stay inside CLIP-L's 49408
+        unet=UNet2DConditionModel(**SD15_UNET),
+        scheduler=_scheduler(),  # SD's DDIM settings
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
+
+
+def generate(pipe, size: int, steps: int) -> float:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    pipe(
+        "a photo of sks dog",
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        generator=gen,
+        output_type="pt",
+    )
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", type=int, default=None, help="image side (default 256 on CPU, 512 on CUDA)")
+    parser.add_argument(
+        "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default fp32 CPU, fp16 CUDA"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 4 CPU, 25 CUDA)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="timed rounds per variant (default 3 CPU, 10 CUDA)"
+    )
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = args.size or (512 if cuda else 256)
+    steps = args.steps or (25 if cuda else 4)
+    rounds = args.rounds or (10 if cuda else 3)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        args.dtype or ("fp16" if cuda else "fp32")
+    ]
+
+    pipe = sd15_pipeline(args.device, dtype)
+    config = make_config(args.rank, "inf", delta=1.0, preset="attn")
+    n_layers = len(add_nblora(pipe, config)["unet"])
+    with torch.no_grad():  # a 'trained' adapter: non-zero update
+        for _, layer in nblora_layers(pipe.unet):
+            layer.nblora_B.normal_(std=0.1)
+    adapter = {k: v.clone() for k, v in nblora_state_dict(pipe.unet).items()}
+    lora_dir = tempfile.TemporaryDirectory(prefix="nblora_bench_")
+    export_diffusers_lora(pipe, lora_dir.name)
+    remove_adapter(pipe)
+
+    def to_base() -> None:
+        if list(nblora_layers(pipe.unet)):
+            remove_adapter(pipe)
+        if getattr(pipe.unet, "peft_config", None):
+            pipe.unload_lora_weights()
+
+    def to_unmerged() -> None:
+        to_base()
+        add_nblora(pipe, config)
+        load_nblora_state_dict(pipe.unet, adapter)
+        with torch.no_grad():  # what the first forward does: one batched Cayley pass, then cached
+            materialize([layer for _, layer in nblora_layers(pipe.unet)])
+
+    def to_merged() -> None:
+        to_unmerged()
+        merge_adapter(pipe)
+
+    def to_peft() -> None:
+        to_base()
+        pipe.load_lora_weights(lora_dir.name, adapter_name="bench")
+
+    variants = {"base": to_base, "unmerged": to_unmerged, "merged": to_merged, "peft": to_peft}
+    print(f"SD1.5 architecture, random weights | {args.device} {str(dtype).removeprefix('torch.')} | "
+          f"{size}px, {steps} steps | NB-LoRA rank {args.rank} on {n_layers} attention projections | "
+          f"threads {torch.get_num_threads()} | {rounds} rounds")  # fmt: skip
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for setup in variants.values():  # warm-up (allocator, kernels, first-call caches)
+        setup()
+        generate(pipe, size, min(steps, 2))
+    for _ in range(rounds):  # the pipeline call itself runs under no_grad
+        for name, setup in variants.items():
+            setup()
+            times[name].append(generate(pipe, size, steps))
+    base = statistics.median(times["base"])
+    print(f"{'variant':<10} {'s/image':>9} {'images/s vs base':>17} {'time vs base':>13}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:<10} {med:>9.3f} {base / med:>16.3f}x {med / base:>12.3f}x")
+    lora_dir.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Training-step cost of NB-LoRA vs PEFT LoRA on the SD1.5 UNet (random weights), same targets and rank.
+
+One DreamBooth-style step: UNet forward on a noisy latent with text conditioning, MSE loss, backward,
+AdamW step on the adapter. Both adapters wrap the 128 attention projections (to_q, to_k, to_v,
+to_out.0) at rank 16; NB-LoRA with p = 2, δ = 1 (its pre-forward hook runs the batched Cayley
+transforms), PEFT LoRA with lora_alpha = rank, trained in float32 as train_dreambooth.py does.
+
+CPU: float32 at 256 px (32×32 latents). GPU: fp16 base weights, float32 adapters, fp16 autocast at
+512 px. Time: median step of each block, the two adapters interleaved round by round (background
+load hits both), best round counts. Memory: peak allocated during one step above the level before it
+(CUDA: the allocator's peak; CPU: the running sum of the profiler's allocation events), and the same
+plus every resident tensor (weights, adapter, optimizer state) as the total.
+
+    python benchmarks/train_step_bench.py [--resolution 256] [--rank 16] [--steps 3] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from torch.profiler import ProfilerActivity, profile
+
+from nblora_diffusion import NBLoRAConfig, inject_nblora, unload_nblora
+
+# stable-diffusion-v1-5 unet/config.json, the fields that fix the architecture
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def add_adapter(unet, kind: str, rank: int) -> torch.optim.Optimizer:
+    torch.manual_seed(0)
+    if kind == "nblora":
+        inject_nblora(unet, NBLoRAConfig(rank=rank, p=2.0, delta=1.0, target_modules=TARGETS))
+    else:
+        from peft import LoraConfig
+
+        unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGETS)
+        )
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:  # adapters train in float32 over fp16 base weights
+        p.data = p.data.float()
+    return torch.optim.AdamW(params, lr=1e-4)
+
+
+def remove_adapter(unet, kind: str) -> None:
+    if kind == "nblora":
+        unload_nblora(unet, merge=False)
+    else:
+        unet.unload_lora()
+
+
+def make_step(unet, optimizer, resolution: int, device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    side = resolution // 8
+    latents = torch.randn(1, 4, side, side, generator=g).to(device, unet.dtype)
+    target = torch.randn(1, 4, side, side, generator=g).to(device)
+    context = torch.randn(1, 77, 768, generator=g).to(device, unet.dtype)
+    timestep = torch.tensor([500], device=device)
+    autocast = device.type == "cuda" and unet.dtype == torch.float16
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=autocast):
+            pred = unet(latents, timestep, context).sample
+        F.mse_loss(pred.float(), target).backward()
+        optimizer.step()
+
+    return step
+
+
+def time_steps(step, n: int, device: torch.device) -> float:
+    times = []
+    for _ in range(n):
+        synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_bytes(step, optimizer, device: torch.device) -> int:
+    """Peak allocated bytes during one step, above the level at its start (gradients already freed, so
+    that the CPU profiler sees every deallocation of the step)."""
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    level = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        level += e.nbytes()
+        peak = max(peak, level)
+    return peak
+
+
+def resident_bytes(unet, optimizer) -> int:
+    tensors = list(unet.parameters()) + list(unet.buffers())
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--resolution", type=int, default=None, help="px (default: 256 on CPU, 512 on GPU)")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per block (after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best median counts")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    resolution = args.resolution or (512 if device.type == "cuda" else 256)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    print(f"machine: {machine(device)}")
+    print(
+        f"SD1.5 UNet (random weights), {resolution} px, batch 1, {dtype}, rank {args.rank}, targets {TARGETS}"
+    )
+    torch.manual_seed(0)
+    unet = torch.nn.Module.to(UNet2DConditionModel(**SD15_UNET), device, dtype)  # diffusers `to` warns
+    unet.requires_grad_(False)
+    unet.train()
+    best = {"nblora": math.inf, "lora": math.inf}
+    memory: dict[str, tuple[int, int]] = {}
+    for r in range(args.rounds):
+        for kind in best:
+            optimizer = add_adapter(unet, kind, args.rank)
+            step = make_step(unet, optimizer, resolution, device)
+            step()  # warm-up: allocates AdamW state and the cuDNN/oneDNN plans
+            best[kind] = min(best[kind], time_steps(step, args.steps, device))
+            if r == 0:
+                peak = peak_bytes(step, optimizer, device)
+                memory[kind] = (peak, resident_bytes(unet, optimizer) + peak)
+            print(f"  round {r + 1} {kind:6s}: {best[kind] * 1e3:9.1f} ms/step (best so far)", flush=True)
+            del optimizer, step
+            remove_adapter(unet, kind)
+    gib = 2.0**30
+    print(f"\n{'adapter':8s} {'ms/step':>10s} {'step peak GiB':>14s} {'total GiB':>10s}")
+    for kind in best:
+        print(
+            f"{kind:8s} {best[kind] * 1e3:10.1f} {memory[kind][0] / gib:14.3f} {memory[kind][1] / gib:10.3f}"
+        )
+    time_ratio = best["nblora"] / best["lora"]
+    total_ratio, peak_ratio = (memory["nblora"][i] / memory["lora"][i] for i in (1, 0))
+    print(f"\nNB-LoRA / LoRA time ratio:                {time_ratio:.3f}  (target <= 1.03)")
+    print(f"NB-LoRA / LoRA peak memory ratio (total): {total_ratio:.3f}  (target <= 1.01)")
+    print(f"NB-LoRA / LoRA step-peak memory ratio:    {peak_ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Command line: ``python -m eval score ...`` and ``python -m eval benchmark ...``.
+
+Errors (missing subject, empty folder, a checkpoint of another base model, a missing metric model)
+print one ``error: ...`` line to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from nblora_diffusion.metrics import METRICS, MetricConfig
+
+from .dataset import PROMPT_SETS
+
+_DEFAULT = MetricConfig()
+
+
+def _metric_list(text: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+def add_metric_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("metric models (hub id / open_clip name or a local folder or file)")
+    g.add_argument("--dino_model", default=_DEFAULT.dino_model, help="transformers ViT (DINO) id or folder")
+    g.add_argument(
+        "--clip_model",
+        default=_DEFAULT.clip_model,
+        help="open_clip architecture (ViT-B-32, ViT-L-14, ...) or an open_clip local-dir folder",
+    )
+    g.add_argument(
+        "--clip_pretrained",
+        default=_DEFAULT.clip_pretrained,
+        help="open_clip pretrained tag or checkpoint file (ignored for a folder)",
+    )
+    g.add_argument("--lpips_net", default=_DEFAULT.lpips_net, choices=("alex", "vgg", "squeeze"))
+    g.add_argument(
+        "--lpips_model",
+        default=None,
+        help="full LPIPS state dict file (default: ImageNet trunk "
+        "from the torch hub cache + the lpips package's linear layers)",
+    )
+    g.add_argument("--lpips_size", type=int, default=_DEFAULT.lpips_size, help="LPIPS image size in px")
+    g.add_argument(
+        "--no_center_crop", action="store_true", help="do not center-crop images to a square first"
+    )
+    g.add_argument(
+        "--metrics", type=_metric_list, default=METRICS, help=f"comma-separated subset of {','.join(METRICS)}"
+    )
+    g.add_argument("--metric_batch_size", type=int, default=_DEFAULT.batch_size)
+    g.add_argument(
+        "--metric_device", default=None, help="device of the metric models (default: cuda if present)"
+    )
+    g.add_argument("--keep_token", action="store_true", help="CLIP-T with the rare token kept in the prompt")
+
+
+def metric_config(a: argparse.Namespace) -> MetricConfig:
+    return MetricConfig(
+        dino_model=a.dino_model,
+        clip_model=a.clip_model,
+        clip_pretrained=a.clip_pretrained or None,
+        lpips_net=a.lpips_net,
+        lpips_model=a.lpips_model,
+        lpips_size=a.lpips_size,
+        center_crop=not a.no_center_crop,
+        device=a.metric_device,
+        batch_size=a.metric_batch_size,
+        metrics=a.metrics,
+    )
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation (fixed seeds: the same noise for every checkpoint and method)")
+    g.add_argument(
+        "--prompts",
+        default="dreambooth-auto",
+        help=f"prompt file (one per line, {{0}}/{{token}} and {{1}}/{{class_noun}} placeholders) or one of "
+        f"{', '.join(PROMPT_SETS)} (auto: live list for cats and dogs)",
+    )
+    g.add_argument("--max_prompts", type=int, default=None, help="use only the first N prompts")
+    g.add_argument("--images_per_prompt", type=int, default=4)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num_inference_steps", type=int, default=50)
+    g.add_argument("--guidance_scale", type=float, default=7.5)
+    g.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
+    g.add_argument("--gen_batch_size", type=int, default=8, help="images per pipeline call")
+    g.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    g.add_argument("--device", default=None, help="pipeline device (default: cuda if present)")
+    g.add_argument("--no_save_images", action="store_true", help="do not keep the generated PNGs")
+    g.add_argument(
+        "--allow_other_base",
+        action="store_true",
+        help="score adapters whose recorded base model differs from --base_model",
+    )
+
+
+def generation_config(a: argparse.Namespace):
+    from .score import GenerationConfig
+
+    return GenerationConfig(
+        images_per_prompt=a.images_per_prompt,
+        seed=a.seed,
+        num_inference_steps=a.num_inference_steps,
+        guidance_scale=a.guidance_scale,
+        resolution=a.resolution,
+        batch_size=a.gen_batch_size,
+        dtype=a.dtype,
+        device=a.device,
+        save_images=not a.no_save_images,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval",
+        description="DreamBooth evaluation: DINO, CLIP-I, "
+        "CLIP-T and LPIPS per checkpoint, and the benchmark runner.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("score", help="score every checkpoint of one or more runs on one subject")
+    s.add_argument("--base_model", required=True, help="diffusers pipeline folder or hub id")
+    s.add_argument(
+        "--adapters",
+        nargs="+",
+        required=True,
+        help="run folder(s): every checkpoint-*/ inside and the final adapter; or adapter folders",
+    )
+    s.add_argument("--instance_dir", required=True, help="the subject's real photos")
+    s.add_argument(
+        "--class_noun",
+        default=None,
+        help="e.g. dog (default: from prompts_and_classes.txt next to --instance_dir)",
+    )
+    s.add_argument("--token", default=None, help="rare token (default: the adapter's, else sks)")
+    s.add_argument("--out", required=True, help="report folder")
+    add_generation_args(s)
+    add_metric_args(s)
+
+    b = sub.add_parser("benchmark", help="train every subject x method, score every checkpoint, tabulate")
+    b.add_argument(
+        "--dataset", required=True, help="DreamBooth dataset folder (subjects + prompts_and_classes.txt)"
+    )
+    b.add_argument("--base_model", required=True)
+    b.add_argument("--methods", required=True, help="methods JSON file or a built-in grid: table3")
+    b.add_argument("--subjects", default="all", help="all, or comma-separated subject names")
+    b.add_argument("--out", required=True)
+    b.add_argument("--token", default="sks")
+    b.add_argument(
+        "--shard", default="0/1", help="i/n: run the units with index %% n == i (one process per GPU)"
+    )
+    b.add_argument(
+        "--report_steps",
+        default=None,
+        help="comma-separated steps for fixed-step rows (default: the last step)",
+    )
+    b.add_argument(
+        "--train_subprocess",
+        action="store_true",
+        help="train each unit with `python train_dreambooth.py ...` instead of in this process",
+    )
+    b.add_argument("--report_only", action="store_true", help="only (re)write the report from finished units")
+    add_generation_args(b)
+    add_metric_args(b)
+    return parser
+
+
+def run_score(a: argparse.Namespace) -> int:
+    from nblora_diffusion.metrics import list_images
+
+    from . import adapters as adapter_io
+    from .dataset import find_prompts_file, format_prompt, prompt_templates, read_prompt_lists
+    from .score import Scorer, clip_texts
+
+    real = list_images(a.instance_dir)
+    prompts_file = find_prompts_file(a.instance_dir)
+    class_noun = a.class_noun
+    if class_noun is None:
+        subject = Path(a.instance_dir).resolve().name
+        classes = read_prompt_lists(prompts_file).classes if prompts_file else {}
+        if subject not in classes:
+            raise ValueError(
+                f"--class_noun is required: no prompts_and_classes.txt next to {a.instance_dir} "
+                f"lists subject {subject!r}"
+            )
+        class_noun = classes[subject]
+    refs, labels = [], {}
+    for folder in a.adapters:
+        found = adapter_io.discover(folder)
+        label = found[0].run
+        labels[label] = labels.get(label, 0) + 1
+        if labels[label] > 1:
+            label = f"{label}-{labels[label]}"
+        refs += [dataclasses.replace(r, run=label) for r in found]
+    token = a.token or next((r.token for r in refs if r.token), None) or "sks"
+    templates = prompt_templates(a.prompts, class_noun, prompts_file)[: a.max_prompts]
+    prompts = [format_prompt(t, token, class_noun) for t in templates]
+    scorer = Scorer(a.base_model, metric_config(a), generation_config(a), allow_other_base=a.allow_other_base)
+    scorer.check(refs)  # before loading anything
+    scorer.load()
+    report = scorer.score_subject(
+        refs,
+        real,
+        prompts,
+        clip_texts(prompts, token, a.keep_token),
+        a.out,
+        info={
+            "subject": Path(a.instance_dir).resolve().name,
+            "class_noun": class_noun,
+            "token": token,
+            "keep_token": a.keep_token,
+        },
+    )
+    out = Path(a.out)
+    print((out / "report.md").read_text(encoding="utf-8"))
+    print(
+        f"report: {out / 'report.json'}, {out / 'report.csv'}, {out / 'report.md'}, plots in {out / 'plots'}"
+    )
+    return 0 if report["checkpoints"] else 1
+
+
+def run_benchmark(a: argparse.Namespace) -> int:
+    from .benchmark import BenchmarkSpec, run
+
+    spec = BenchmarkSpec.from_args(a, metric_config(a), generation_config(a))
+    return run(spec, report_only=a.report_only)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run_score(args) if args.command == "score" else run_benchmark(args)
+    except ValueError as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130

@@ -1,0 +1,241 @@
+"""Scoring adapters of one subject: generate with fixed seeds, embed, score, write the report.
+
+Per checkpoint, the numbers are cached in OUT/scores/<checkpoint>.json together with a fingerprint of
+every setting and of the adapter files, so an interrupted scoring run continues where it stopped and a
+changed setting or checkpoint is scored again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from nblora_diffusion.metrics import METRICS, MetricConfig, MetricSuite, PairStat, strip_token
+
+from . import adapters as adapter_io
+from .report import NAMES, curves_plot, markdown_table, read_json, write_csv, write_json, write_text
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    images_per_prompt: int = 4
+    seed: int = 0  # image j of prompt i uses seed + i·images_per_prompt + j, for every checkpoint and method
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    resolution: int | None = None  # None: the model's native size
+    batch_size: int = 8  # images per pipeline call
+    dtype: str = "fp32"
+    device: str | None = None  # None: cuda when present
+    save_images: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("images_per_prompt", "num_inference_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+
+    def describe(self) -> dict:
+        d = asdict(self)
+        for key in ("batch_size", "device", "save_images"):  # do not change the images' seeds or content
+            d.pop(key)
+        return d
+
+
+def image_seeds(seed: int, num_prompts: int, per_prompt: int) -> list[list[int]]:
+    return [[seed + i * per_prompt + j for j in range(per_prompt)] for i in range(num_prompts)]
+
+
+def generate(
+    pipe, prompts: list[str], gen: GenerationConfig, desc: str = "generating"
+) -> list[list[Image.Image]]:
+    """``gen.images_per_prompt`` images per prompt, image (i, j) from its own seeded CPU generator so the
+    noise is the same on every device and for every checkpoint."""
+    k = gen.images_per_prompt
+    seeds = image_seeds(gen.seed, len(prompts), k)
+    per_call = max(1, gen.batch_size // k)
+    size = {"height": gen.resolution, "width": gen.resolution} if gen.resolution else {}
+    groups: list[list[Image.Image]] = []
+    for start in tqdm(range(0, len(prompts), per_call), desc=desc, leave=False, unit="batch"):
+        chunk = prompts[start : start + per_call]
+        generators = [
+            torch.Generator("cpu").manual_seed(s) for i in range(start, start + len(chunk)) for s in seeds[i]
+        ]
+        images = pipe(
+            prompt=chunk,
+            num_images_per_prompt=k,
+            generator=generators,
+            output_type="pil",
+            num_inference_steps=gen.num_inference_steps,
+            guidance_scale=gen.guidance_scale,
+            **size,
+        ).images
+        groups += [images[i * k : (i + 1) * k] for i in range(len(chunk))]
+    return groups
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Scorer:
+    """A base pipeline and the metric models, loaded once and reused for every adapter and subject."""
+
+    def __init__(
+        self,
+        base_model: str,
+        metrics: MetricConfig | None = None,
+        gen: GenerationConfig | None = None,
+        allow_other_base: bool = False,
+    ) -> None:
+        self.base_model, self.gen, self.allow_other_base = (
+            str(base_model),
+            gen or GenerationConfig(),
+            allow_other_base,
+        )
+        self.suite = MetricSuite(metrics)
+        self._pipe = None
+
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            from nblora_diffusion import diffusion
+
+            device = self.gen.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self._pipe = diffusion.load_pipeline(self.base_model, dtype=self.gen.dtype, device=device)
+            self._pipe.set_progress_bar_config(disable=True)
+        return self._pipe
+
+    def load(self) -> Scorer:
+        """Load the metric models and the pipeline now, so a missing model fails before any work."""
+        self.suite.load()
+        _ = self.pipe
+        return self
+
+    def check(self, refs: list[adapter_io.AdapterRef]) -> None:
+        if not self.allow_other_base:
+            for ref in refs:
+                adapter_io.check_base_model(ref, self.base_model)
+
+    def score_subject(
+        self,
+        refs: list[adapter_io.AdapterRef],
+        real: list[Path],
+        prompts: list[str],
+        texts: list[str],
+        out: str | os.PathLike,
+        info: dict | None = None,
+        progress: bool = True,
+        plots: bool = True,
+    ) -> dict:
+        """Score every adapter in ``refs`` on one subject and write the report into ``out``.
+
+        ``prompts`` are the generation prompts (with the token), ``texts`` what CLIP-T compares with.
+        """
+        self.check(refs)
+        out = Path(out)
+        settings = {
+            "metrics": self.suite.config.describe(),
+            "generation": self.gen.describe(),
+            "prompts": prompts,
+            "clip_t_texts": texts,
+            "base_model": self.base_model,
+            "real_images": [(p.name, p.stat().st_size) for p in real],
+        }
+        key = _fingerprint(settings)
+        rows = []
+        for ref in tqdm(
+            refs,
+            desc=f"scoring {info.get('subject', '') if info else ''}".strip(),
+            unit="ckpt",
+            disable=not progress,
+        ):
+            rows.append(self._score_one(ref, real, prompts, texts, out, key))
+        adapter_io.clear(self.pipe)
+        real_row = self.suite.reference(real, texts)
+        report = {
+            **(info or {}),
+            "settings": settings,
+            "metrics": list(self.suite.config.metrics),
+            "real": {m: s.to_dict() for m, s in real_row.items()},
+            "checkpoints": rows,
+        }
+        write_score_report(report, out, plots=plots)
+        return report
+
+    def _score_one(self, ref, real, prompts, texts, out: Path, key: str) -> dict:
+        cache = out / "scores" / ref.run / f"{ref.name}.json"
+        digest = ref.digest()
+        hit = read_json(cache)
+        if hit and hit.get("fingerprint") == key and hit.get("adapter_sha256") == digest:
+            return hit["row"]
+        adapter_io.apply(self.pipe, ref)
+        groups = generate(self.pipe, prompts, self.gen, desc=f"generating {ref.name}")
+        if self.gen.save_images:
+            folder = out / "images" / ref.run / ref.name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, group in enumerate(groups):
+                for j, image in enumerate(group):
+                    image.save(folder / f"p{i:02d}_{j}.png")
+        stats = self.suite.score(real, groups, texts)
+        row = {
+            "run": ref.run,
+            "name": ref.name,
+            "step": ref.step,
+            "kind": ref.kind,
+            "path": str(ref.path),
+            "metrics": {m: s.to_dict() for m, s in stats.items()},
+        }
+        write_json(cache, {"fingerprint": key, "adapter_sha256": digest, "row": row})
+        return row
+
+
+def clip_texts(prompts: list[str], token: str, keep_token: bool) -> list[str]:
+    return list(prompts) if keep_token else [strip_token(p, token) for p in prompts]
+
+
+def table_rows(report: dict) -> list[dict]:
+    rows = []
+    for r in report["checkpoints"]:
+        rows.append(
+            {
+                "run": r["run"],
+                "name": r["name"],
+                "step": r["step"],
+                **{m: PairStat.from_dict(s).mean for m, s in r["metrics"].items()},
+            }
+        )
+    rows.append(
+        {
+            "run": "real images",
+            "name": "",
+            "step": None,
+            **{m: PairStat.from_dict(s).mean for m, s in report["real"].items()},
+        }
+    )
+    return rows
+
+
+def write_score_report(report: dict, out: Path, plots: bool = True) -> dict[str, Path]:
+    metrics = [m for m in METRICS if m in report["metrics"]]
+    rows = table_rows(report)
+    paths = {"csv": write_csv(out / "report.csv", rows, ["run", "name", "step", *metrics])}
+    title = f"# Scores: {report.get('subject', 'subject')}\n\n" if report.get("subject") else ""
+    columns = [("run", "run"), ("name", "checkpoint"), ("step", "step"), *((m, NAMES[m]) for m in metrics)]
+    text = title + markdown_table(rows, columns)
+    paths["md"] = write_text(out / "report.md", text)
+    real = {m: PairStat.from_dict(s).mean for m, s in report["real"].items()}
+    for m in metrics if plots else ():
+        series: dict[str, list] = {}
+        for r in rows[:-1]:
+            series.setdefault(r["run"], []).append((r["step"], r[m]))
+        paths[m] = curves_plot(out / "plots" / f"{m}.png", m, series, real.get(m))
+    paths["json"] = write_json(out / "report.json", report)  # last: a unit with report.json is complete
+    return paths

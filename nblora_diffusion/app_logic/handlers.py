@@ -1,0 +1,384 @@
+"""Event handlers of the Gradio app (app/app.py wires them to components; no math here).
+
+Library errors (ValueError) become ``gr.Error`` with the same one-line message, so the page shows
+the message and never a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from . import evaluation, generation, uploads
+from .train_settings import make_train_config, mixed_precision, native_resolution, prompts_for
+from .training_job import SlotBusy, TrainingSlot, describe_step, format_duration
+
+log = logging.getLogger(__name__)
+_PROGRESS = gr.Progress()  # Gradio finds the progress argument by this default and passes a fresh tracker
+
+DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def _user_error(message: str) -> gr.Error:
+    """A page error for bad input: the message alone, no server-side traceback (nothing went wrong)."""
+    return gr.Error(message.splitlines()[0] if message else "invalid input", print_exception=False)
+
+
+def _failure(what: str, e: Exception) -> gr.Error:
+    """An unexpected error (out of memory, I/O): one line in the page, the traceback in the server log."""
+    log.exception("%s failed", what)
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return gr.Error(f"{what} failed: {type(e).__name__}: {detail}", print_exception=False)
+
+
+def _owner(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None) if request is not None else None
+
+
+def _file_paths(files: Any) -> list[str]:
+    """Paths from a gr.File value (str, list of str, or file objects with .name/.path)."""
+    if not files:
+        return []
+    files = files if isinstance(files, (list, tuple)) else [files]
+    out = []
+    for f in files:
+        path = (
+            f if isinstance(f, (str, os.PathLike)) else getattr(f, "path", None) or getattr(f, "name", None)
+        )
+        if path:
+            out.append(str(path))
+    return out
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text.strip())[:40].strip("-") or "run"
+
+
+class AppHandlers:
+    """State shared by every user of one app: the training slot, the pipeline cache, the output folders."""
+
+    def __init__(
+        self,
+        base_model: str | None,
+        output_root: str | os.PathLike,
+        train_fn: Any = None,
+        device: str | None = None,
+        metric_config: Any = None,
+    ) -> None:
+        self.base_model = str(base_model) if base_model else None
+        self.root = Path(output_root).resolve()
+        self.adapters_dir = self.root / "adapters"
+        self.slot = TrainingSlot(train_fn)
+        self.cache = generation.PipelineCache(device=device)
+        self.evaluator = evaluation.Evaluator(metric_config)
+
+    # -- Train tab ----------------------------------------------------------------------------------
+    def default_resolution(self) -> int:
+        return native_resolution(self.base_model)
+
+    def check_upload(self, files: Any, resolution: Any = None) -> tuple[list, str]:
+        """Previews and a status line for the uploaded photos; gr.Error for unusable uploads."""
+        paths = _file_paths(files)
+        if not paths:
+            return [], ""
+        try:
+            res = int(resolution) if resolution else None
+            check = uploads.check_uploads(paths, res)
+        except ValueError as e:
+            raise _user_error(str(e)) from None
+        for w in check.warnings:
+            gr.Warning(w)
+        lines = [f"{len(check.images)} photos ready."] + [f"Warning: {w}" for w in check.warnings]
+        return [str(p) for p in check.images], "\n\n".join(lines)
+
+    def p_changed(self, p: str, rank: Any) -> tuple[str, float]:
+        """Hint for δ and a sensible default for the new p."""
+        r = self._rank(rank)
+        return uploads.delta_hint(p, r), uploads.default_delta(p, r)
+
+    def rank_changed(self, p: str, rank: Any) -> str:
+        return uploads.delta_hint(p, self._rank(rank))
+
+    @staticmethod
+    def _rank(rank: Any) -> int:
+        try:
+            r = int(float(rank))
+        except (TypeError, ValueError):
+            return 4
+        return max(r, 1)
+
+    def start_training(
+        self,
+        files: Any,
+        token: str,
+        class_noun: str,
+        prior_preservation: bool,
+        p: str,
+        delta: float,
+        rank: float,
+        steps: float,
+        learning_rate: float,
+        seed: float,
+        resolution: float,
+        validation_prompt: str = "",
+        validation_steps: float | None = None,
+        checkpointing_steps: float | None = None,
+        num_class_images: float = 100,
+        validation_inference_steps: float = 25,
+        request: gr.Request | None = None,
+        progress: gr.Progress = _PROGRESS,
+    ) -> Iterator[tuple[str, list, Any]]:
+        """Train with ``nblora_diffusion.training.train``; yields (status, validation gallery, adapters)."""
+        if not self.base_model:
+            raise _user_error("no base model: start the app with --base_model")
+        try:
+            check = uploads.check_uploads(_file_paths(files), int(resolution) if resolution else None)
+            prompts_for(token, class_noun)
+        except (ValueError, TypeError) as e:
+            raise _user_error(str(e)) from None
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(token)}-{_slug(class_noun)}"
+        out_dir = self.adapters_dir / name
+        instance_dir = self.root / "uploads" / name
+        try:
+            uploads.save_instance_images(check.images, instance_dir)
+            config = make_train_config(
+                base_model=self.base_model,
+                instance_data_dir=instance_dir,
+                output_dir=out_dir,
+                token=token,
+                class_noun=class_noun,
+                p=p,
+                delta=delta,
+                rank=rank,
+                max_train_steps=steps,
+                learning_rate=learning_rate,
+                seed=seed,
+                resolution=resolution,
+                with_prior_preservation=prior_preservation,
+                class_data_dir=self.root / "class_images" / _slug(class_noun),
+                num_class_images=num_class_images,
+                validation_prompt=(validation_prompt or "").strip() or None,
+                validation_steps=validation_steps or None,
+                checkpointing_steps=checkpointing_steps or None,
+                validation_inference_steps=validation_inference_steps,
+                export_kohya=True,  # all three download formats exist as soon as training ends
+                mixed_precision=mixed_precision(),
+            )
+        except (ValueError, TypeError) as e:
+            shutil.rmtree(instance_dir, ignore_errors=True)
+            raise _user_error(str(e)) from None
+
+        owner = _owner(request)
+        gallery: list[tuple[Any, str]] = []
+        adapters = gr.update()
+        run = None
+        ticket = self.slot.enqueue(owner)
+        try:
+            while run is None:
+                if ticket.cancelled:
+                    shutil.rmtree(instance_dir, ignore_errors=True)
+                    yield "Cancelled before it started.", gallery, adapters
+                    return
+                try:
+                    run = self.slot.start(config, wait_s=1.0, ticket=ticket)
+                except SlotBusy:
+                    ahead = self.slot.ahead_of(ticket)
+                    yield (
+                        f"Waiting in the training queue: {ahead} training(s) ahead of yours.",
+                        gallery,
+                        adapters,
+                    )
+                except ValueError as e:
+                    if not ticket.cancelled:
+                        raise _user_error(str(e)) from None
+        finally:
+            self.slot.leave(ticket)  # closed page or error while waiting: give the place up
+        progress(0, desc="starting")
+        yield f"Training started ({config.max_train_steps} steps) → `{out_dir}`", gallery, adapters
+        status = "starting…"
+        for event in run.events():
+            if event is None:
+                continue
+            if event.kind == "step":
+                status = describe_step(event)
+                progress((event.step, event.max_steps), desc=status)
+            elif event.kind == "validation":
+                gallery = gallery + [(img, f"step {event.step}") for img in event.images]
+            elif event.kind == "checkpoint":
+                status = f"{status} · checkpoint saved at step {event.step}"
+            elif event.kind == "error":
+                if not out_dir.exists():  # failed before writing anything: drop the copied photos too
+                    shutil.rmtree(instance_dir, ignore_errors=True)
+                raise _user_error(event.error or "training failed")
+            elif event.kind == "done":
+                break
+            prefix = "Stopping… " if run.stop_requested else ""
+            yield prefix + status, gallery, adapters
+        result = run.result
+        step = getattr(result, "final_step", None)
+        took = format_duration(run.last_step.elapsed_s if run.last_step else None)
+        if getattr(result, "stopped", False):
+            done = (
+                f"Stopped at step {step}; the last checkpoint is `{run.last_checkpoint}` "
+                f"and the adapter `{out_dir}`."
+            )
+        else:
+            done = f"Finished {step} steps in {took}; adapter saved to `{out_dir}`."
+        yield done, gallery, self.adapter_choices(select=str(out_dir))
+
+    def stop_training(self, request: gr.Request | None = None) -> str:
+        what = self.slot.stop(owner=_owner(request))
+        if what == "stopping":
+            return "Stopping after the current step (a checkpoint is saved)…"
+        if what == "cancelled":
+            return "Cancelled the waiting training."
+        gr.Info("No training of yours is running.")
+        return ""
+
+    # -- Generate tab -------------------------------------------------------------------------------
+    def adapter_choices(self, select: str | None = None) -> Any:
+        """Dropdown update listing this app's adapters (newest first), selecting ``select`` if given."""
+        choices = []
+        for folder in generation.find_adapters(self.adapters_dir):
+            try:
+                choices.append((generation.read_adapter_info(folder).label, str(folder)))
+            except ValueError:
+                continue
+        if select is None:
+            return gr.update(choices=choices)
+        return gr.update(choices=choices, value=select)
+
+    def adapter_selected(self, folder: str | None) -> tuple[str, Any]:
+        """Info line and a δ' slider from 0 to 2δ (at δ) for the chosen adapter."""
+        if not folder:
+            return "Pick an adapter trained here, or type the path of an adapter folder.", gr.update()
+        try:
+            info = generation.read_adapter_info(folder)
+        except ValueError as e:
+            gr.Warning(str(e))
+            return f"Warning: {e}", gr.update()
+        token = f", token `{info.token}`" if info.token else ""
+        text = f"**{info.folder.name}**: base `{info.base_model}`{token}, trained bound δ = {info.delta:g}."
+        return text, gr.update(
+            minimum=0.0,
+            maximum=round(2 * info.delta, 6),
+            value=info.delta,
+            step=round(info.delta / 50, 6) or 0.01,
+        )
+
+    def generate(
+        self,
+        folder: str | None,
+        prompt: str,
+        negative_prompt: str,
+        seed: float,
+        random_seed: bool,
+        num_images: float,
+        steps: float,
+        guidance: float,
+        delta_prime: float,
+        side_by_side: bool,
+    ) -> tuple[list, list, int]:
+        """Gallery items (saved PNG, caption), the settings of every image, and the seed used."""
+        if not folder:
+            raise _user_error("pick an adapter first")
+        try:
+            seed = generation.resolve_seed(seed, bool(random_seed))
+            results = generation.generate(
+                self.cache,
+                folder,
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                seed=seed,
+                num_images=int(num_images),
+                steps=int(steps),
+                guidance=float(guidance),
+                delta_prime=None if delta_prime is None else float(delta_prime),
+                side_by_side=bool(side_by_side),
+                fallback_base=self.base_model,
+            )
+            paths = generation.save_images(results, self.root / "generations")
+        except ValueError as e:
+            raise _user_error(str(e)) from None
+        except Exception as e:
+            raise _failure("generation", e) from None
+        settings = [{**s, "file": str(p)} for (_, s), p in zip(results, paths, strict=True)]
+        return [(str(p), generation.caption(s)) for p, s in zip(paths, settings, strict=True)], settings, seed
+
+    def regenerate_on_slider(
+        self,
+        folder: str | None,
+        prompt: str,
+        negative_prompt: str,
+        last_seed: Any,
+        num_images: float,
+        steps: float,
+        guidance: float,
+        delta_prime: float,
+        side_by_side: bool,
+    ) -> tuple[Any, Any, Any]:
+        """Slider release: redraw the last images (same seed) at the new δ'; no-op before a first Generate."""
+        if not folder or not (prompt or "").strip() or last_seed is None or last_seed == "":
+            return gr.update(), gr.update(), gr.update()
+        return self.generate(
+            folder,
+            prompt,
+            negative_prompt,
+            last_seed,
+            False,
+            num_images,
+            steps,
+            guidance,
+            delta_prime,
+            side_by_side,
+        )
+
+    def downloads(self, folder: str | None) -> list[str]:
+        if not folder:
+            raise _user_error("pick an adapter first")
+        try:
+            files = generation.prepare_downloads(self.cache, folder, self.root / "downloads", self.base_model)
+        except ValueError as e:
+            raise _user_error(str(e)) from None
+        except Exception as e:
+            raise _failure("export", e) from None
+        return [str(f) for f in files]
+
+    def slider_label(self, delta_prime: float, folder: str | None) -> str:
+        try:
+            delta = generation.read_adapter_info(folder).delta if folder else None
+        except ValueError:
+            delta = None
+        if not delta or delta_prime is None or not math.isfinite(float(delta_prime)):
+            return ""
+        return f"δ'/δ = {float(delta_prime) / delta:.2f}" + (
+            " (base model)" if float(delta_prime) == 0 else ""
+        )
+
+    # -- Evaluate tab -------------------------------------------------------------------------------
+    def subject_photos(self, folder: str | None) -> str:
+        """The training photos folder of the chosen adapter, when known (prefills the Evaluate tab)."""
+        return evaluation.subject_photos(folder) or "" if folder else ""
+
+    def evaluate(self, folder: str | None, photos: str, settings: Any) -> Any:
+        """A table of DINO, CLIP-I, CLIP-T and LPIPS scores per group (base / each δ') of the last images."""
+        import pandas as pd
+
+        if not folder:
+            raise _user_error("pick an adapter first")
+        settings = settings if isinstance(settings, list) else []
+        try:
+            rows = self.evaluator.score(folder, (photos or "").strip() or None, settings)
+        except ValueError as e:
+            raise _user_error(str(e)) from None
+        except Exception as e:
+            raise _failure("evaluation", e) from None
+        return pd.DataFrame(rows, columns=self.evaluator.columns)

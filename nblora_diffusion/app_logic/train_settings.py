@@ -1,0 +1,136 @@
+"""From the Train tab's values to a ``training.TrainConfig``, with one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from .uploads import p_value
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_<>\-]+$")
+
+
+def _positive_int(value: Any, name: str, lo: int = 1, hi: int | None = None) -> int:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+    if not math.isfinite(f) or f != int(f) or f < lo or (hi is not None and f > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be a whole number {rng}, got {value!r}")
+    return int(f)
+
+
+def _positive_float(value: Any, name: str) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number > 0, got {value!r}") from None
+    if not math.isfinite(f) or f <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return f
+
+
+def prompts_for(token: str, class_noun: str) -> tuple[str, str]:
+    """(instance prompt, class prompt) in the DreamBooth form 'a photo of sks dog' / 'a photo of dog'."""
+    token, class_noun = (token or "").strip(), (class_noun or "").strip()
+    if not token or not _TOKEN.match(token):
+        raise ValueError(f"the token must be one word of letters, digits, '_', '-', '<', '>', got {token!r}")
+    if not class_noun or len(class_noun) > 60:
+        raise ValueError(f"the class noun must be a short noun such as 'dog', got {class_noun!r}")
+    if token.lower() == class_noun.lower():
+        raise ValueError(f"the token must differ from the class noun, both are {token!r}")
+    return f"a photo of {token} {class_noun}", f"a photo of {class_noun}"
+
+
+def make_train_config(
+    *,
+    base_model: str,
+    instance_data_dir: str | Path,
+    output_dir: str | Path,
+    token: str,
+    class_noun: str,
+    p: str | float,
+    delta: float,
+    rank: int,
+    max_train_steps: int,
+    learning_rate: float,
+    seed: int,
+    resolution: int,
+    with_prior_preservation: bool = False,
+    class_data_dir: str | Path | None = None,
+    num_class_images: int = 100,
+    validation_prompt: str | None = None,
+    validation_steps: int | None = None,
+    num_validation_images: int = 2,
+    checkpointing_steps: int | None = None,
+    **extra: Any,
+) -> Any:
+    """A ``training.TrainConfig`` from the Train tab's values, with one-line ValueErrors for bad input."""
+    from ..training import TrainConfig
+
+    instance_prompt, class_prompt = prompts_for(token, class_noun)
+    pv = p_value(p)
+    steps = _positive_int(max_train_steps, "steps", 1, 100_000)
+    resolution = _positive_int(resolution, "resolution", 64, 2048)
+    if resolution % 8:
+        raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
+    validation_steps = _positive_int(validation_steps or max(steps // 4, 1), "validation steps")
+    checkpointing_steps = _positive_int(
+        checkpointing_steps or max(min(250, steps // 2), 1), "checkpointing steps"
+    )
+    if with_prior_preservation and not class_data_dir:
+        raise ValueError("prior preservation needs a class image folder")
+    values = dict(
+        pretrained_model_name_or_path=str(base_model),
+        instance_data_dir=str(instance_data_dir),
+        instance_prompt=instance_prompt,
+        output_dir=str(output_dir),
+        resolution=resolution,
+        max_train_steps=steps,
+        learning_rate=_positive_float(learning_rate, "learning rate"),
+        seed=_positive_int(seed, "seed", 0, 2**32 - 1),
+        adapter="nblora",
+        rank=_positive_int(rank, "rank", 1, 1024),
+        norm_p="inf" if math.isinf(pv) else f"{pv:g}",
+        norm_bound=_positive_float(delta, "δ"),
+        with_prior_preservation=bool(with_prior_preservation),
+        class_prompt=class_prompt,
+        validation_prompt=validation_prompt or instance_prompt,
+        validation_steps=validation_steps,
+        num_validation_images=_positive_int(num_validation_images, "validation images", 1, 16),
+        checkpointing_steps=checkpointing_steps,
+        **extra,
+    )
+    if with_prior_preservation:
+        values.update(
+            class_data_dir=str(class_data_dir),
+            num_class_images=_positive_int(num_class_images, "class images"),
+        )
+    return TrainConfig(**values)
+
+
+def native_resolution(base_model: str | None) -> int:
+    """Image size the base model was trained at: from a local pipeline folder's configs, else 512."""
+    if base_model and Path(base_model).is_dir():
+        try:
+            unet = json.loads((Path(base_model) / "unet" / "config.json").read_text())
+            vae = json.loads((Path(base_model) / "vae" / "config.json").read_text())
+            sample = unet["sample_size"]
+            sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+            return int(sample) * 2 ** (len(vae["block_out_channels"]) - 1)
+        except (OSError, KeyError, TypeError, ValueError):
+            pass
+    return 1024 if base_model and "xl" in base_model.lower() else 512
+
+
+def mixed_precision() -> str:
+    """bf16 autocast where the GPU has it, fp16 on older GPUs, none on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

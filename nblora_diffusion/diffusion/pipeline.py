@@ -1,0 +1,108 @@
+"""Loading Stable Diffusion pipelines (SD1.x/2.x or SDXL, auto-detected) and naming their parts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}  # fmt: skip
+_SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name; anything else is a local path
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """torch.float32/float16/bfloat16 or one of their names ("fp16", "bf16", "float32", ...)."""
+    if isinstance(dtype, str) and dtype.strip().lower() in DTYPES:
+        return DTYPES[dtype.strip().lower()]
+    if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return dtype
+    raise ValueError(f"pipeline dtype must be float32, float16 or bfloat16, got {dtype!r}")
+
+
+def load_pipeline(
+    model_name_or_path: str | os.PathLike,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+):
+    """A StableDiffusionPipeline or StableDiffusionXLPipeline, chosen from the folder's model_index.json.
+
+    Accepts a local diffusers folder or a hub id already in the local cache (the hub is never
+    contacted when HF_HUB_OFFLINE=1). Raises ValueError with a one-line message for a missing path,
+    a folder that is not a diffusers pipeline, or an unsupported pipeline class.
+    """
+    from diffusers import DiffusionPipeline
+
+    dtype = parse_dtype(dtype)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r}: {e}") from None
+    name = str(model_name_or_path)
+    path = Path(name).expanduser()
+    if path.exists() or not _HUB_ID.fullmatch(name):
+        if not path.exists():
+            raise ValueError(f"model path not found: {path}")
+        if path.is_file():
+            raise ValueError(
+                f"{path} is a file; expected a diffusers pipeline folder (with model_index.json)"
+            )
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ValueError(f"{path} is not a diffusers pipeline folder: no model_index.json")
+        try:
+            class_name = json.loads(index.read_text()).get("_class_name")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise ValueError(f"{index} is not valid JSON: {e}") from None
+        if class_name not in _SUPPORTED:
+            raise ValueError(f"{path} holds a {class_name}; supported are {', '.join(_SUPPORTED)}")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(name, dtype=dtype)
+    except Exception as e:  # hub/loader errors come in many types; one clear line for the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load pipeline {name!r}: {first}") from None
+    if type(pipe).__name__ not in _SUPPORTED and not _is_sd_like(pipe):
+        raise ValueError(f"{name} holds a {type(pipe).__name__}; supported are {', '.join(_SUPPORTED)}")
+    return pipe.to(device)
+
+
+def _is_sd_like(pipe) -> bool:
+    return isinstance(getattr(pipe, "unet", None), nn.Module) and isinstance(
+        getattr(pipe, "text_encoder", None), nn.Module
+    )
+
+
+def is_sdxl(pipe) -> bool:
+    """True for SDXL-style pipelines (two text encoders and text-time conditioning in the UNet)."""
+    unet = getattr(pipe, "unet", None)
+    return (
+        getattr(pipe, "text_encoder_2", None) is not None
+        and unet is not None
+        and getattr(unet.config, "addition_embed_type", None) == "text_time"
+    )
+
+
+def architecture(pipe) -> str:
+    """ "sdxl", "sd2" (Linear transformer projections) or "sd1" (Conv2d projections)."""
+    if not _is_sd_like(pipe):
+        raise ValueError(
+            f"expected a Stable Diffusion pipeline with a unet and a text_encoder, got {type(pipe).__name__}"
+        )
+    if is_sdxl(pipe):
+        return "sdxl"
+    return "sd2" if getattr(pipe.unet.config, "use_linear_projection", False) else "sd1"
+
+
+def components(pipe) -> dict[str, nn.Module]:
+    """The adaptable parts of a pipeline: unet, text_encoder and (SDXL) text_encoder_2."""
+    names = ("unet",) + TEXT_ENCODERS
+    return {n: getattr(pipe, n) for n in names if isinstance(getattr(pipe, n, None), nn.Module)}

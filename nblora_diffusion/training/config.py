@@ -1,0 +1,280 @@
+"""TrainConfig: every option of train_dreambooth.py, validated, and the argument parser built from it.
+
+The dataclass fields are exactly the command-line option names without the leading dashes, so a
+config saved as JSON, a Python call and a command line all mean the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.bounds import parse_p
+
+ADAPTERS = ("nblora", "lora", "dora", "pissa")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+REPORT_TO = ("tensorboard", "none")
+TARGET_PRESETS = ("attn", "wide")
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # -- model and data ------------------------------------------------------------------------------
+    pretrained_model_name_or_path: str = _opt(
+        DEFAULT_MODEL, "hub id or local diffusers folder (SD1.x/2.x/SDXL)"
+    )
+    instance_data_dir: str | None = _opt(None, "folder with the 3-30 subject photos (JPEG/PNG/WebP)")
+    instance_prompt: str | None = _opt(None, 'prompt naming the subject, e.g. "a photo of sks dog"')
+    output_dir: str = _opt("nblora-dreambooth-model", "where the adapter, checkpoints and logs go")
+    overwrite_output_dir: bool = _opt(False, "replace the outputs of a previous run in --output_dir")
+    resolution: int | None = _opt(None, "training resolution in px (default: the model's native size)")
+    center_crop: bool = _opt(False, "center crop instead of a random crop")
+    random_flip: bool = _opt(False, "random horizontal flips")
+    seed: int | None = _opt(None, "seed for reproducible training (and exact resume)")
+    # -- prior preservation ---------------------------------------------------------------------------
+    with_prior_preservation: bool = _opt(False, "add the class-prior loss (DreamBooth)")
+    class_data_dir: str | None = _opt(
+        None, "folder of class images (generated with the base model if too few)"
+    )
+    class_prompt: str | None = _opt(None, 'prompt of the class, e.g. "a photo of dog"')
+    num_class_images: int = _opt(100, "class images wanted in --class_data_dir")
+    prior_loss_weight: float = _opt(1.0, "weight of the class-prior loss")
+    sample_batch_size: int = _opt(4, "batch size when generating class images")
+    class_inference_steps: int = _opt(50, "denoising steps per generated class image")
+    # -- optimisation ---------------------------------------------------------------------------------
+    train_batch_size: int = _opt(1, "instance images per step and device (doubled with prior preservation)")
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
+    max_train_steps: int = _opt(500, "optimizer steps")
+    learning_rate: float = _opt(1e-4, "peak learning rate")
+    scale_lr: bool = _opt(False, "multiply the learning rate by batch size x accumulation x processes")
+    lr_scheduler: str = _opt("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _opt(0, "warm-up steps of the schedule")
+    lr_num_cycles: int = _opt(1, "cycles of cosine_with_restarts")
+    lr_power: float = _opt(1.0, "power of the polynomial schedule")
+    adam_beta1: float = _opt(0.9, "AdamW beta1")
+    adam_beta2: float = _opt(0.999, "AdamW beta2")
+    adam_weight_decay: float = _opt(1e-2, "AdamW weight decay")
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 disables)")
+    use_8bit_adam: bool = _opt(False, "8-bit AdamW from bitsandbytes (pip install bitsandbytes)")
+    mixed_precision: str = _opt("no", "autocast precision; fp16 needs a GPU", choices=MIXED_PRECISION)
+    allow_tf32: bool = _opt(False, "allow TF32 matmuls on Ampere+ GPUs")
+    gradient_checkpointing: bool = _opt(False, "trade compute for memory in the UNet (and text encoder)")
+    snr_gamma: float | None = _opt(None, "Min-SNR loss weighting gamma (5.0 is the usual value)")
+    train_text_encoder: bool = _opt(False, "also adapt the text encoder(s)")
+    # -- adapter --------------------------------------------------------------------------------------
+    adapter: str = _opt("nblora", "nblora, or a PEFT baseline on the same targets and rank", choices=ADAPTERS)
+    rank: int = _opt(4, "adapter rank r")
+    norm_p: str = _opt("inf", "Schatten p of the bound: 1 (nuclear), 2 (Frobenius), inf (spectral), any >= 1")
+    norm_bound: float | None = _opt(None, "absolute bound delta on ||W||_Sp of every adapted layer")
+    norm_bound_ratio: float | None = _opt(
+        None, "relative bound gamma: delta = gamma * ||W_base||_Sp (default 0.1)"
+    )
+    parameterization: str = _opt("II", "NB-LoRA parameterization", choices=("I", "II"))
+    target_preset: str = _opt(
+        "attn", "adapted modules: attention projections or attention + MLP", choices=TARGET_PRESETS
+    )
+    adapter_dropout: float = _opt(0.0, "dropout on the adapter input")
+    text_encoder_rank: int | None = _opt(None, "text-encoder adapter rank (default: --rank)")
+    text_encoder_norm_bound: float | None = _opt(
+        None, "text-encoder delta (default: the UNet's bound option)"
+    )
+    bernoulli_p: float | None = _opt(
+        None,
+        "Bernoulli-LoRA: each step update only the input factor with "
+        "probability q, else only the output factor",
+    )
+    # -- checkpoints, validation, logging ------------------------------------------------------------
+    checkpointing_steps: int = _opt(500, "save a resumable checkpoint every N steps")
+    checkpoints_total_limit: int | None = _opt(None, "keep at most N checkpoints")
+    resume_from_checkpoint: str | None = _opt(None, '"latest" or a checkpoint folder')
+    validation_prompt: str | None = _opt(None, "prompt for validation images")
+    validation_steps: int = _opt(100, "generate validation images every N steps")
+    num_validation_images: int = _opt(4, "validation images per run")
+    validation_inference_steps: int = _opt(25, "denoising steps per validation image")
+    report_to: str = _opt("tensorboard", "experiment tracker", choices=REPORT_TO)
+    logging_dir: str = _opt("logs", "TensorBoard folder, relative to --output_dir")
+    norm_logging_steps: int = _opt(1, "log per-layer norm ratios every N steps")
+    export_kohya: bool = _opt(False, "also write a kohya-format LoRA file")
+    demo: bool = _opt(False, "offline demo: tiny built-in model, bundled dog photos, a few dozen steps")
+    local_rank: int = _opt(-1, "set by torch.distributed launchers")
+
+    def __post_init__(self) -> None:
+        def fail(msg: str) -> None:
+            raise ValueError(msg)
+
+        try:
+            p = parse_p(self.norm_p)
+        except ValueError as e:
+            raise ValueError(f"--norm_p: {e}") from None
+        object.__setattr__(self, "norm_p", "inf" if math.isinf(p) else f"{p:g}")
+        positive_ints = (
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_train_steps",
+            "rank",
+            "checkpointing_steps",
+            "validation_steps",
+            "num_validation_images",
+            "sample_batch_size",
+            "class_inference_steps",
+            "validation_inference_steps",
+            "norm_logging_steps",
+            "lr_num_cycles",
+        )
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(f"--{name} must be an integer >= 1, got {value!r}")
+        for name in ("checkpoints_total_limit", "text_encoder_rank", "resolution"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                fail(f"--{name} must be an integer >= 1, got {value!r}")
+        for name in ("lr_warmup_steps", "num_class_images"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                fail(f"--{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        for name in ("learning_rate", "adam_epsilon", "prior_loss_weight", "lr_power"):
+            if not _finite(getattr(self, name)) or getattr(self, name) <= 0:
+                fail(f"--{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        for name in ("adam_weight_decay", "max_grad_norm"):
+            if not _finite(getattr(self, name)) or getattr(self, name) < 0:
+                fail(f"--{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not _finite(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
+                fail(f"--{name} must be in [0, 1), got {getattr(self, name)!r}")
+        for name in ("norm_bound", "norm_bound_ratio", "text_encoder_norm_bound", "snr_gamma"):
+            value = getattr(self, name)
+            if value is not None and (not _finite(value) or value <= 0):
+                fail(f"--{name} must be a finite number > 0, got {value!r}")
+        if not _finite(self.adapter_dropout) or not 0 <= self.adapter_dropout < 1:
+            fail(f"--adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
+        if self.bernoulli_p is not None and (not _finite(self.bernoulli_p) or not 0 < self.bernoulli_p < 1):
+            fail(f"--bernoulli_p must be in (0, 1), got {self.bernoulli_p!r}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                fail(f"--{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        if self.norm_bound is not None and self.norm_bound_ratio is not None:
+            fail("give at most one of --norm_bound and --norm_bound_ratio")
+        if self.resolution is not None and self.resolution % 8:
+            fail(f"--resolution must be a multiple of 8 (the VAE downsamples x8), got {self.resolution}")
+        if self.with_prior_preservation:
+            if not self.class_data_dir:
+                fail("--with_prior_preservation needs --class_data_dir")
+            if not self.class_prompt:
+                fail("--with_prior_preservation needs --class_prompt")
+        if self.text_encoder_rank is not None and not self.train_text_encoder:
+            fail("--text_encoder_rank needs --train_text_encoder")
+        if self.text_encoder_norm_bound is not None and not self.train_text_encoder:
+            fail("--text_encoder_norm_bound needs --train_text_encoder")
+        if self.adapter != "nblora" and self.parameterization != "II":
+            fail(f"--parameterization applies to --adapter nblora, not {self.adapter}")
+        for name in ("instance_prompt", "class_prompt", "validation_prompt"):
+            value = getattr(self, name)
+            if value is not None and not str(value).strip():
+                fail(f"--{name} must not be empty")
+
+    # -- derived values ------------------------------------------------------------------------------
+    @property
+    def p(self) -> float:
+        return parse_p(self.norm_p)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training options: {unknown}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _finite(x: Any) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# -- command line ------------------------------------------------------------------------------------
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _arg_type(f: dataclasses.Field) -> type:
+    # annotations are strings under `from __future__ import annotations`: "int | None" -> int
+    base = str(f.type).replace(" ", "").split("|")[0]
+    return _TYPES.get(base, str)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line for the caller to print, not the whole usage text
+        raise ValueError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse parser with one option per TrainConfig field (same name, same default); bad options
+    raise ValueError instead of exiting."""
+    parser = _Parser(
+        prog="train_dreambooth.py",
+        description="DreamBooth personalisation of Stable Diffusion (SD1.x/2.x/SDXL) with NB-LoRA "
+        "(norm-bounded LoRA) or a PEFT baseline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(TrainConfig):
+        name = "--" + f.name
+        if f.type == "bool":
+            parser.add_argument(name, action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(
+                name,
+                type=_arg_type(f),
+                default=f.default,
+                help=f.metadata["help"],
+                choices=f.metadata.get("choices"),
+            )
+    return parser
+
+
+def config_from_namespace(ns: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**vars(ns))
+
+
+def demo_overrides(model_path: str | Path, assets: Path, output_dir: str | Path) -> dict[str, Any]:
+    """Defaults of ``--demo``: the tiny built-in model, the bundled dog photos ("sks dog", class "dog")
+    with prior preservation, 30 steps at 64 px: well under a minute on a laptop CPU."""
+    return {
+        "pretrained_model_name_or_path": str(model_path),
+        "instance_data_dir": str(assets / "dog"),
+        "instance_prompt": "a photo of sks dog",
+        "with_prior_preservation": True,
+        "class_prompt": "a photo of dog",
+        "class_data_dir": str(Path(output_dir) / "class_images"),
+        "num_class_images": 4,
+        "class_inference_steps": 10,
+        "validation_prompt": "a photo of sks dog on the beach",
+        "resolution": 64,
+        "random_flip": True,
+        "max_train_steps": 30,
+        "learning_rate": 1e-3,
+        "checkpointing_steps": 10,
+        "validation_steps": 30,
+        "num_validation_images": 2,
+        "validation_inference_steps": 10,
+        "seed": 0,
+    }

@@ -1,0 +1,370 @@
+"""train(config, callbacks, should_stop): DreamBooth training as a list of named steps."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .. import diffusion
+from . import checkpoint as ckpt
+from .adapters import TEXT_COMPONENTS, AdapterSetup, add_adapters, layer_norms
+from .config import TrainConfig
+from .logs import RunLog, plot_norms
+from .losses import dreambooth_loss
+from .outputs import write_adapter
+from .sampling import generate
+from .setup import (
+    check_inputs,
+    class_photos,
+    load_base,
+    make_accelerator,
+    make_dataloader,
+    make_optimizer,
+    prepare_output,
+)
+from .text import PromptEncoder
+
+log = logging.getLogger(__name__)
+
+OOM_HINT = (
+    "reduce memory with --gradient_checkpointing, --mixed_precision fp16 (GPU), --train_batch_size 1, "
+    "--use_8bit_adam, or a smaller --resolution / --rank"
+)
+
+
+class TrainingError(ValueError):
+    """A run that cannot go on (non-finite loss, out of memory); the message is one line."""
+
+
+@dataclass
+class TrainCallbacks:
+    """Optional hooks, called on the main process after each optimizer step / validation / checkpoint."""
+
+    on_step: Callable[[int, int, float, float, float], None] | None = (
+        None  # step, max_steps, loss, lr, elapsed_s
+    )
+    on_validation: Callable[[int, list[Image.Image]], None] | None = None  # step, images
+    on_checkpoint: Callable[[int, Path], None] | None = None  # step, checkpoint folder
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_step: int
+    last_checkpoint: Path | None
+    stopped: bool
+
+
+@dataclass
+class Run:
+    """Everything one training run holds, built by the named steps of ``train``."""
+
+    config: TrainConfig
+    output_dir: Path
+    accelerator: object
+    pipe: object
+    setup: AdapterSetup
+    resolution: int
+    sdxl: bool
+    weight_dtype: torch.dtype
+    data_seed: int
+    global_step: int = 0
+    last_checkpoint: Path | None = None
+
+
+# -- steps inside the loop ----------------------------------------------------------------------------
+def save_checkpoint(run: Run, callbacks: TrainCallbacks) -> Path:
+    """checkpoint-N/: accelerate state (optimizer, scheduler, RNG) + exact tensors + the adapter alone."""
+    acc, out, step = run.accelerator, run.output_dir, run.global_step
+    tmp = ckpt.begin(out, step) if acc.is_main_process else out / f".checkpoint-{step}.tmp"
+    acc.wait_for_everyone()
+    try:
+        acc.save_state(str(tmp))  # every process writes its own RNG state
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            run_state = {
+                "global_step": step,
+                "data_seed": run.data_seed,
+                "adapter": run.config.adapter,
+                "rank": run.config.rank,
+                "norm_p": run.config.norm_p,
+            }
+            ckpt.write_state(tmp, run.setup.state(), run_state)
+            write_adapter(run.pipe, run.setup, tmp, run.config, step, final=False)
+            ckpt.commit(tmp, out, step)
+            ckpt.prune(out, run.config.checkpoints_total_limit)
+    except BaseException:
+        if acc.is_main_process:
+            ckpt.abort(tmp)
+        raise
+    acc.wait_for_everyone()
+    path = out / f"checkpoint-{step}"
+    run.last_checkpoint = path
+    if callbacks.on_checkpoint and acc.is_main_process:
+        callbacks.on_checkpoint(step, path)
+    return path
+
+
+def validate(run: Run, runlog: RunLog, callbacks: TrainCallbacks) -> None:
+    cfg = run.config
+    if not cfg.validation_prompt or not run.accelerator.is_main_process:
+        return
+    images = generate(
+        run.pipe,
+        cfg.validation_prompt,
+        cfg.num_validation_images,
+        cfg.validation_inference_steps,
+        run.resolution,
+        cfg.seed or 0,
+        cfg.num_validation_images,
+        run.sdxl,
+    )
+    runlog.images(run.global_step, images)
+    if callbacks.on_validation:
+        callbacks.on_validation(run.global_step, images)
+
+
+def save_final(run: Run) -> None:
+    if run.accelerator.is_main_process:
+        write_adapter(run.pipe, run.setup, run.output_dir, run.config, run.global_step, final=True)
+        plot_norms(run.output_dir)
+    run.accelerator.wait_for_everyone()
+
+
+# -- the run --------------------------------------------------------------------------------------------
+def train(
+    config: TrainConfig,
+    callbacks: TrainCallbacks | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train an adapter as ``config`` says; see train_dreambooth.py --help for every option.
+
+    Bad input raises ValueError with a one-line message before anything is written; a non-finite
+    loss or running out of memory raises TrainingError (a ValueError) and keeps the last checkpoint.
+    When ``should_stop()`` turns true the run saves a checkpoint and the adapter and returns with
+    ``stopped=True``.
+    """
+    from accelerate.utils import set_seed
+
+    callbacks = callbacks or TrainCallbacks()
+    out, resume, photos = check_inputs(config)
+    run_state = ckpt.read_state(resume)[1] if resume else {}
+    if run_state and run_state.get("adapter") != config.adapter:
+        raise ValueError(
+            f"checkpoint {resume} was trained with --adapter {run_state.get('adapter')}, not {config.adapter}"
+        )
+    accelerator = make_accelerator(config, out)
+    if config.seed is not None:
+        set_seed(config.seed)
+    data_seed = run_state.get(
+        "data_seed", config.seed if config.seed is not None else random.randrange(2**31)
+    )
+    if config.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    pipe, weight_dtype, resolution = load_base(config, accelerator)
+    for p in photos:
+        if min(p.image.size) < resolution and config.resolution is None:
+            log.warning(
+                "%s is %dx%d, smaller than the resolution %d: it will be upsampled",
+                p.path.name,
+                *p.image.size,
+                resolution,
+            )
+    sdxl = diffusion.is_sdxl(pipe)
+    prepare_output(config, out, resume, accelerator)
+    classes = class_photos(config, pipe, resolution, sdxl, data_seed, accelerator)
+    setup = add_adapters(pipe, config)
+    run = Run(config, out, accelerator, pipe, setup, resolution, sdxl, weight_dtype, data_seed)
+    try:
+        parts = build(run, photos, classes, resume)
+        return fit(run, parts, callbacks, should_stop)
+    except torch.OutOfMemoryError:
+        raise TrainingError(f"out of memory at step {run.global_step + 1}; {OOM_HINT}") from None
+    finally:
+        accelerator.end_training()
+
+
+@dataclass
+class Parts:
+    """The prepared training objects (accelerate may have wrapped the models for DDP)."""
+
+    models: list
+    unet: object
+    optimizer: object
+    loader: object
+    sampler: object
+    lr_scheduler: object
+    noise_scheduler: object
+    prompts: PromptEncoder
+
+
+def build(run: Run, photos, classes, resume: Path | None) -> Parts:
+    """Optimizer, data, schedules and trackers, prepared by accelerate; restores a checkpoint if given."""
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    cfg, acc, pipe, setup = run.config, run.accelerator, run.pipe, run.setup
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        for name, model in setup.models.items():
+            if name != "unet":
+                model.gradient_checkpointing_enable()
+    class_prompt = cfg.class_prompt if classes else None
+    prompts = PromptEncoder(
+        pipe, run.sdxl, cfg.instance_prompt, class_prompt, train_text=cfg.train_text_encoder
+    )
+    optimizer = make_optimizer(cfg, setup.trainable_parameters(), acc.num_processes)
+    loader, sampler = make_dataloader(cfg, photos, classes, run.resolution, run.data_seed)
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,  # accelerate steps it once per process
+        num_training_steps=cfg.max_train_steps * acc.num_processes,
+        num_cycles=cfg.lr_num_cycles,
+        power=cfg.lr_power,
+    )
+    *models, optimizer, loader, lr_scheduler = acc.prepare(
+        *setup.models.values(), optimizer, loader, lr_scheduler
+    )
+    prepared = dict(zip(setup.models, models, strict=True))
+    if cfg.train_text_encoder:  # gradients must flow through the prepared (possibly DDP-wrapped) encoders
+        encoders = TEXT_COMPONENTS[: len(prompts.encoders)]
+        prompts.encoders = [prepared.get(n, e) for n, e in zip(encoders, prompts.encoders, strict=True)]
+    # accelerate saves optimizer, scheduler, grad scaler and RNG; the adapter tensors go to our own file
+    acc.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
+    acc.register_load_state_pre_hook(lambda models, folder: models.clear())
+    if acc.is_main_process and cfg.report_to != "none":
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.to_dict().items()}
+        acc.init_trackers("nblora-dreambooth", config=flat)
+    if resume is not None:
+        tensors, state = ckpt.read_state(resume)
+        setup.load_state(tensors)  # checks that the checkpoint fits this adapter first
+        acc.load_state(str(resume))
+        run.global_step, run.last_checkpoint = int(state["global_step"]), resume
+        log.info("resumed from %s at step %d", resume, run.global_step)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return Parts(models, prepared["unet"], optimizer, loader, sampler, lr_scheduler, noise_scheduler, prompts)
+
+
+def fit(
+    run: Run, parts: Parts, callbacks: TrainCallbacks, should_stop: Callable[[], bool] | None
+) -> TrainResult:
+    """The training loop: optimizer steps until max_train_steps (or a stop), then the final adapter."""
+    from tqdm.auto import tqdm
+
+    cfg, acc, setup, loader = run.config, run.accelerator, run.setup, parts.loader
+    per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
+    num_epochs = math.ceil(cfg.max_train_steps / per_epoch)
+    first_epoch, skip = divmod(run.global_step, per_epoch)  # resume: position inside the epoch
+    runlog = RunLog(run.output_dir, acc, run.global_step) if acc.is_main_process else None
+    bar = tqdm(
+        total=cfg.max_train_steps, initial=run.global_step, desc="steps", disable=not acc.is_main_process
+    )
+    for model in parts.models:
+        model.train()
+    t0, stopped, micro_losses = time.perf_counter(), False, []
+    try:
+        for epoch in range(first_epoch, num_epochs):
+            if run.global_step >= cfg.max_train_steps or stopped:
+                break
+            loader.set_epoch(epoch)
+            parts.sampler.set_epoch(epoch)
+            loader.dataset.set_epoch(epoch)
+            batches = loader
+            if epoch == first_epoch and skip:
+                batches = acc.skip_first_batches(loader, skip * cfg.gradient_accumulation_steps)
+            for batch in batches:
+                with acc.accumulate(*parts.models):
+                    loss = dreambooth_loss(
+                        batch,
+                        parts.unet,
+                        run.pipe.vae,
+                        parts.noise_scheduler,
+                        parts.prompts,
+                        run.resolution,
+                        run.weight_dtype,
+                        cfg.prior_loss_weight,
+                        cfg.snr_gamma,
+                    )
+                    check_finite(acc, loss, run)
+                    micro_losses.append(loss.detach())
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        lr = parts.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                        if cfg.bernoulli_p is not None:
+                            bernoulli_select(setup, cfg.bernoulli_p)
+                        if cfg.max_grad_norm > 0:
+                            acc.clip_grad_norm_(setup.trainable_parameters(), cfg.max_grad_norm)
+                    parts.optimizer.step()
+                    parts.lr_scheduler.step()
+                    parts.optimizer.zero_grad(set_to_none=True)
+                if not acc.sync_gradients:
+                    continue
+                run.global_step += 1
+                step_loss = float(acc.gather(torch.stack(micro_losses).mean()[None]).mean())
+                micro_losses = []
+                elapsed = time.perf_counter() - t0
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+                if runlog is not None:
+                    norms = layer_norms(setup) if run.global_step % cfg.norm_logging_steps == 0 else None
+                    runlog.step(run.global_step, step_loss, lr, elapsed, norms)
+                if callbacks.on_step and acc.is_main_process:
+                    callbacks.on_step(run.global_step, cfg.max_train_steps, step_loss, lr, elapsed)
+                last = run.global_step >= cfg.max_train_steps
+                stopped = not last and stop_requested(acc, should_stop)
+                if run.global_step % cfg.checkpointing_steps == 0 or stopped:
+                    save_checkpoint(run, callbacks)
+                if cfg.validation_prompt and (run.global_step % cfg.validation_steps == 0 or last or stopped):
+                    validate(run, runlog, callbacks)
+                if last or stopped:
+                    break
+        save_final(run)
+    finally:
+        bar.close()
+        if runlog is not None:
+            runlog.close()
+    return TrainResult(run.output_dir, run.global_step, run.last_checkpoint, stopped)
+
+
+def stop_requested(acc, should_stop: Callable[[], bool] | None) -> bool:
+    """should_stop() of the main process, shared with every process so that all stop at the same step."""
+    flag = bool(should_stop()) if should_stop is not None and acc.is_main_process else False
+    if acc.num_processes > 1:
+        flag = bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), "sum").item() > 0)
+    return flag
+
+
+def check_finite(acc, loss: torch.Tensor, run: Run) -> None:
+    value = acc.gather(loss.detach()[None])
+    if not bool(torch.isfinite(value).all()):
+        bad = float(value[~torch.isfinite(value)][0])
+        where = (
+            f"the last good checkpoint is {run.last_checkpoint}"
+            if run.last_checkpoint
+            else "no checkpoint yet"
+        )
+        raise TrainingError(
+            f"loss is {bad} at step {run.global_step + 1}: training stopped, {where} "
+            "(try a lower --learning_rate)"
+        )
+
+
+def bernoulli_select(setup: AdapterSetup, q: float) -> None:
+    """Bernoulli-LoRA: this step updates only the input factors (prob. q) or only the output factors.
+
+    The other group's gradients are dropped (None), so AdamW skips those tensors entirely: no
+    momentum or weight-decay update either. Bound parameters (s̃, d̃, DoRA magnitudes) train every step.
+    """
+    update_input = bool(torch.rand(()) < q)  # global RNG: saved and restored with checkpoints
+    inputs, outputs = setup.factor_groups()
+    for p in outputs if update_input else inputs:
+        p.grad = None

@@ -1,0 +1,67 @@
+"""The DreamBooth denoising loss with optional prior preservation and Min-SNR weighting."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .text import PromptEncoder, time_ids
+
+
+def dreambooth_loss(
+    batch: dict,
+    unet,
+    vae,
+    noise_scheduler,
+    prompts: PromptEncoder,
+    resolution: int,
+    weight_dtype: torch.dtype,
+    prior_loss_weight: float = 1.0,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """Mean noise-prediction error on the instance half plus ``prior_loss_weight`` × the class half.
+
+    The batch holds instance examples first and class examples after them (``collate``). Every
+    random draw (VAE posterior sample, noise, timesteps) comes from the global RNG, which
+    checkpoints save and restore.
+    """
+    device = next(vae.parameters()).device
+    pixels = batch["pixel_values"].to(device, vae.dtype)
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor  # (B, 4, S/8, S/8)
+    latents = latents.to(weight_dtype)
+    noise = torch.randn_like(latents)
+    bsz = latents.shape[0]
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=device).long()
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+
+    n_inst = int(batch["num_instance"])
+    embeds, pooled = prompts(n_inst, bsz - n_inst)
+    kwargs = {}
+    if pooled is not None:  # SDXL: pooled text embedding and size/crop micro-conditioning
+        ids = time_ids(batch["original_size"], batch["crop_top_left"], resolution)
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": pooled.to(weight_dtype),
+            "time_ids": ids.to(device, weight_dtype),
+        }
+    pred = unet(noisy, timesteps, embeds.to(weight_dtype), **kwargs).sample
+
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported scheduler prediction_type {kind!r} (expected epsilon or v_prediction)")
+    per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    if snr_gamma is not None:
+        from diffusers.training_utils import compute_snr
+
+        # Min-SNR-γ (Hang et al. 2023): weight min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v
+        snr = compute_snr(noise_scheduler, timesteps)
+        weight = torch.clamp(snr, max=snr_gamma) / (snr + 1 if kind == "v_prediction" else snr)
+        per_example = per_example * weight
+    loss = per_example[:n_inst].mean()
+    if bsz > n_inst:
+        loss = loss + prior_loss_weight * per_example[n_inst:].mean()
+    return loss

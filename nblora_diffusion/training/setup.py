@@ -1,0 +1,161 @@
+"""The setup steps of a run: input checks, accelerator, base model, output folder, class images, optimizer,
+data loader. Each is a function of explicit arguments, called in order by ``train``."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from .. import diffusion
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import DreamBoothDataset, EpochSampler, Photo, collate, load_photos
+from .outputs import CONFIG_FILE, clear_previous_run, previous_run
+from .sampling import ensure_class_images
+
+log = logging.getLogger(__name__)
+
+
+def check_inputs(config: TrainConfig) -> tuple[Path, Path | None, list[Photo]]:
+    """Everything that can be checked before writing anything: options, folders, photos."""
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if not config.instance_data_dir:
+        raise ValueError("--instance_data_dir is required")
+    if not config.instance_prompt:
+        raise ValueError("--instance_prompt is required")
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {out} is a file")
+    if config.overwrite_output_dir and config.resume_from_checkpoint:
+        raise ValueError("--overwrite_output_dir and --resume_from_checkpoint contradict each other")
+    resume = ckpt.resolve_resume(out, config.resume_from_checkpoint)
+    found = previous_run(out)
+    if found and resume is None and config.resume_from_checkpoint:
+        raise ValueError(
+            f"--output_dir {out} holds a run ({found}) but no checkpoint to resume from; "
+            "pass --overwrite_output_dir to start over"
+        )
+    if found and resume is None and not config.overwrite_output_dir:
+        raise ValueError(
+            f"--output_dir {out} already holds a training run ({found}); pass --resume_from_checkpoint "
+            "latest to continue it or --overwrite_output_dir to replace it"
+        )
+    photos = load_photos(config.instance_data_dir, config.resolution, "instance")
+    return out, resume, photos
+
+
+def make_accelerator(config: TrainConfig, out: Path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    previous = AcceleratorState._shared_state.get("_mixed_precision")
+    if previous is not None and previous != config.mixed_precision and AcceleratorState().num_processes == 1:
+        AcceleratorState._reset_state()  # a second run in this process with another precision (the app)
+    if config.report_to == "tensorboard" and not any(
+        map(importlib.util.find_spec, ("tensorboard", "tensorboardX"))
+    ):
+        log.warning("tensorboard is not installed: logging to the CSV files only (pip install tensorboard)")
+    return Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / config.logging_dir)),
+    )
+
+
+def load_base(config: TrainConfig, accelerator) -> tuple[object, torch.dtype, int]:
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        config.mixed_precision
+    ]
+    pipe = diffusion.load_pipeline(config.pretrained_model_name_or_path, weight_dtype, accelerator.device)
+    if pipe.vae.dtype != torch.float32:
+        # the frozen VAE stays in float32 (SDXL's overflows in fp16); nn.Module.to, because diffusers' own
+        # `to` warns about an empty list of float32 modules on every cast
+        torch.nn.Module.to(pipe.vae, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    factor = pipe.vae_scale_factor
+    resolution = config.resolution or pipe.unet.config.sample_size * factor
+    if resolution % factor:
+        raise ValueError(f"--resolution must be a multiple of {factor} for this model, got {resolution}")
+    return pipe, weight_dtype, resolution
+
+
+def prepare_output(config: TrainConfig, out: Path, resume: Path | None, accelerator) -> None:
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if config.overwrite_output_dir:
+            clear_previous_run(out, config.logging_dir)
+        ckpt.remove_stale_temporaries(out)
+        if resume is None:
+            (out / CONFIG_FILE).write_text(config.to_json() + "\n")
+    accelerator.wait_for_everyone()
+
+
+def class_photos(
+    config: TrainConfig, pipe, resolution: int, sdxl: bool, seed: int, accelerator
+) -> list[Photo] | None:
+    if not config.with_prior_preservation:
+        return None
+    class_dir = Path(config.class_data_dir)
+    if accelerator.is_main_process:
+        ensure_class_images(
+            pipe,
+            class_dir,
+            config.class_prompt,
+            config.num_class_images,
+            config.class_inference_steps,
+            resolution,
+            seed,
+            config.sample_batch_size,
+            sdxl,
+        )
+    accelerator.wait_for_everyone()
+    return load_photos(class_dir, resolution, "class")[: config.num_class_images]
+
+
+def make_optimizer(config: TrainConfig, params: list, num_processes: int):
+    lr = config.learning_rate
+    if config.scale_lr:
+        lr *= config.gradient_accumulation_steps * config.train_batch_size * num_processes
+    if config.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(
+        params,
+        lr=lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+
+
+def make_dataloader(
+    config: TrainConfig, photos: list[Photo], classes: list[Photo] | None, resolution: int, seed: int
+) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
+    dataset = DreamBoothDataset(photos, resolution, config.center_crop, config.random_flip, seed, classes)
+    sampler = EpochSampler(len(dataset), seed)
+    # a private generator: creating an epoch's iterator must not draw from the global RNG
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.train_batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return loader, sampler

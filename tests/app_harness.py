@@ -1,0 +1,67 @@
+"""Shared pieces of the app tests: load app/app.py, serve it on a free local port, headless Chromium."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; a downloaded browser is never used
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = REPO / "test-artifacts" / "app"
+
+
+def app_module():
+    """app/app.py imported as a module (app/ is a script folder, not a package)."""
+    if "nblora_app" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("nblora_app", REPO / "app" / "app.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["nblora_app"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["nblora_app"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def served_app(base_model: str, output_dir: Path) -> Iterator[tuple[str, object]]:
+    """The real app (same build and launch code as the CLI) on 127.0.0.1; yields (url, handlers)."""
+    app = app_module()
+    demo, handlers = app.create_app(base_model, output_dir)
+    url = app.launch_app(demo, output_dir, port=free_port(), prevent_thread_lock=True)
+    try:
+        yield url, handlers
+    finally:
+        run = handlers.slot.current
+        if run is not None:
+            run.stop()
+            run._done.wait(300)
+        demo.close()
+
+
+def require_chromium() -> str:
+    """Path of Debian's chromium; a failure under CI=true, a skip elsewhere, when it is missing."""
+    if CHROMIUM.is_file():
+        return str(CHROMIUM)
+    msg = f"{CHROMIUM} not found: install Debian's chromium (make browser / apt-get install chromium)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(msg)
+    pytest.skip(msg)

@@ -1,0 +1,307 @@
+"""Generic injection: matching, errors, batched materialisation vs the per-layer path, unload, gamma."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nblora_diffusion import NBLoRAConfig, NBLoRALinear, inject_nblora, unload_nblora
+from nblora_diffusion.core import merge_nblora, nblora_layers, set_nblora_scale, unmerge_nblora
+from nblora_diffusion.core.bounds import matrix_schatten_norm
+from nblora_diffusion.core.cayley import cayley
+
+inject_module = importlib.import_module("nblora_diffusion.core.inject")
+ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class Attention(nn.Module):
+    """Projection names and shapes of a diffusers cross-attention block; the math is irrelevant here."""
+
+    def __init__(self, dim: int, context_dim: int) -> None:
+        super().__init__()
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(context_dim, dim)
+        self.to_v = nn.Linear(context_dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.to_q(self.norm(x)), self.to_k(context), self.to_v(context)
+        attn = torch.softmax(q @ k.mT / math.sqrt(q.shape[-1]), dim=-1)  # (B, T, S)
+        return x + self.to_out[0](attn @ v)
+
+
+class TinyNet(nn.Module):
+    """Three shape groups (8, 8), (8, 6) and (12, ...) plus a (6, 8) layer: same q as (8, 6), other split."""
+
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Attention(8, 6), Attention(8, 6), Attention(12, 6)])
+        self.up = nn.Linear(8, 12)
+        self.xto_q = nn.Linear(12, 8)  # "to_q" on a path boundary only: must not match
+        self.context_proj = nn.Linear(8, 6)  # (out 6, in 8): q = 14 like to_k's (8, 6)
+        self.to(dtype)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        context = self.context_proj(torch.cat([context, context[..., :2]], dim=-1))
+        x = self.blocks[1](self.blocks[0](x, context), context)
+        return self.xto_q(self.blocks[2](self.up(x), context))
+
+
+def inputs(dtype=torch.float64):
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(2, 5, 8, generator=gen, dtype=dtype), torch.randn(2, 4, 6, generator=gen, dtype=dtype)
+
+
+def randomize_adapters(model: nn.Module, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if name.rsplit(".", 1)[-1].startswith("nblora_"):
+                t.copy_(torch.randn(t.shape, dtype=t.dtype, generator=gen) * 0.5)
+
+
+def per_layer_copy(model: nn.Module) -> nn.Module:
+    """The same adapters wrapped one by one, without the model-level batched pre-hook."""
+    plain = copy.deepcopy(model)
+    plain._forward_pre_hooks.clear()
+    object.__delattr__(plain, inject_module._HOOK_ATTR)
+    return plain
+
+
+def injected(config: NBLoRAConfig, dtype=torch.float64, seed=0) -> TinyNet:
+    torch.manual_seed(seed)
+    model = TinyNet(dtype)
+    inject_nblora(model, config)
+    randomize_adapters(model)
+    return model
+
+
+# -- matching and errors ---------------------------------------------------------------------------
+def test_inject_replaces_path_boundary_matches_only():
+    model = TinyNet()
+    names = inject_nblora(model, NBLoRAConfig(rank=2, p=2, delta=1.0, target_modules=("to_q", "to_out.0")))
+    assert names == [f"blocks.{i}.{t}" for i in range(3) for t in ("to_q", "to_out.0")]
+    assert isinstance(model.xto_q, nn.Linear) and not isinstance(model.xto_q, NBLoRALinear)
+    assert isinstance(model.blocks[0].to_out[0], NBLoRALinear)
+
+
+def test_inject_freezes_only_the_wrapped_base_weights():
+    model = TinyNet()
+    inject_nblora(model, NBLoRAConfig(rank=2, p=2, delta=1.0, target_modules=ATTN))
+    trainable = {n for n, t in model.named_parameters() if t.requires_grad}
+    assert "up.weight" in trainable and "blocks.0.to_q.base_layer.weight" not in trainable
+    assert {n for n in trainable if "blocks" in n and "norm" not in n} == {
+        n for n in trainable if n.rsplit(".", 1)[-1].startswith("nblora_")
+    }
+
+
+def assert_untouched(model: nn.Module, reference: nn.Module) -> None:
+    assert not any(True for _ in nblora_layers(model))
+    assert [(n, t.requires_grad) for n, t in model.named_parameters()] == [
+        (n, t.requires_grad) for n, t in reference.named_parameters()
+    ]
+
+
+@pytest.mark.parametrize(
+    ("targets", "rank", "message"),
+    [
+        (("to_x",), 2, r"matches target_modules \['to_x'\]"),
+        (("norm",), 2, "'blocks.0.norm' is a LayerNorm"),
+        (("to_q", "to_k"), 7, r"blocks.0.to_k: rank must be an integer in \[1, min\(out, in\) = 6\], got 7"),
+        (("to_q", "to_out"), 2, "'blocks.0.to_out' is a ModuleList"),
+    ],
+)
+def test_bad_injection_raises_and_leaves_the_model_untouched(targets, rank, message):
+    model, reference = TinyNet(), TinyNet()
+    with pytest.raises(ValueError, match=message):
+        inject_nblora(model, NBLoRAConfig(rank=rank, p=2, delta=1.0, target_modules=targets))
+    assert_untouched(model, reference)
+
+
+def test_injecting_twice_into_the_same_module_is_an_error():
+    model = TinyNet()
+    inject_nblora(model, NBLoRAConfig(rank=2, p=2, delta=1.0, target_modules=("to_q",)))
+    with pytest.raises(ValueError, match="'blocks.0.to_q' already has an NB-LoRA adapter"):
+        inject_nblora(model, NBLoRAConfig(rank=2, p=2, delta=1.0, target_modules=("to_q",)))
+    inject_nblora(
+        model, NBLoRAConfig(rank=1, p=1, delta=0.5, target_modules=("to_v",))
+    )  # other modules: fine
+    assert len(list(nblora_layers(model))) == 6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rank": 0}, "got 0"),
+        ({"p": 0.9}, "got 0.9"),
+        ({"delta": 0}, "got 0"),
+        ({"delta": -2.5}, "got -2.5"),
+        ({"delta": None}, "exactly one of delta and gamma"),
+        ({"gamma": 0.1}, "exactly one of delta and gamma"),
+        ({"target_modules": ()}, r"got \(\)"),
+        ({"parameterization": "2"}, "got '2'"),
+        ({"dropout": -0.1}, "got -0.1"),
+    ],
+)
+def test_bad_config_raises_value_error_naming_the_value(kwargs, message):
+    args = {"rank": 2, "p": 2.0, "delta": 1.0, "target_modules": ("to_q",)} | kwargs
+    with pytest.raises(ValueError, match=message):
+        NBLoRAConfig(**args)
+
+
+def test_config_round_trips_through_a_dict():
+    config = NBLoRAConfig(rank=3, p="infinity", gamma=0.2, target_modules=["to_q"], parameterization="I")
+    assert config.p == math.inf and config.target_modules == ("to_q",)
+    assert NBLoRAConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown NB-LoRA config keys"):
+        NBLoRAConfig.from_dict(config.to_dict() | {"alpha": 1})
+
+
+# -- relative bound --------------------------------------------------------------------------------
+@pytest.mark.parametrize("p", [1.0, 2.0, math.inf])
+def test_relative_bound_gamma_is_taken_per_layer_from_the_base_weight(p):
+    model = TinyNet()
+    base_norms = {
+        n: float(matrix_schatten_norm(m.weight.detach(), p))
+        for n, m in model.named_modules()
+        if n.endswith("to_v")
+    }
+    inject_nblora(model, NBLoRAConfig(rank=2, p=p, gamma=0.1, target_modules=("to_v",)))
+    layers = dict(nblora_layers(model))
+    assert set(layers) == set(base_norms)
+    for name, layer in layers.items():
+        assert math.isclose(layer.delta, 0.1 * base_norms[name], rel_tol=1e-12)
+    assert len({layer.delta for layer in layers.values()}) == len(layers)
+
+
+def test_relative_bound_of_a_zero_base_weight_is_an_error():
+    model = TinyNet()
+    with torch.no_grad():
+        model.blocks[1].to_v.weight.zero_()
+    with pytest.raises(ValueError, match="'blocks.1.to_v' is 0"):
+        inject_nblora(model, NBLoRAConfig(rank=2, p=2, gamma=0.1, target_modules=("to_v",)))
+    assert_untouched(model, TinyNet())
+
+
+# -- batched materialisation -----------------------------------------------------------------------
+CONFIGS = [
+    NBLoRAConfig(rank=3, p=2.0, delta=1.0, target_modules=ATTN + ("context_proj",)),
+    NBLoRAConfig(
+        rank=6, p=math.inf, delta=0.3, target_modules=ATTN + ("context_proj",), parameterization="I"
+    ),
+    NBLoRAConfig(rank=2, p=3.5, gamma=0.5, target_modules=ATTN),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["II-p2", "I-pinf-fullrank", "II-gamma"])
+def test_batched_materialisation_equals_per_layer_path_with_gradients(config):
+    batched = injected(config)
+    plain = per_layer_copy(batched)
+    x, context = inputs()
+    out_b, out_p = batched(x, context), plain(x, context)
+    assert torch.allclose(out_b, out_p, rtol=0, atol=1e-13)
+    weights = torch.randn(out_b.shape, dtype=out_b.dtype, generator=torch.Generator().manual_seed(5))
+    (out_b * weights).sum().backward()
+    (out_p * weights).sum().backward()
+    grads_b = {n: t.grad for n, t in batched.named_parameters() if t.grad is not None}
+    grads_p = {n: t.grad for n, t in plain.named_parameters() if t.grad is not None}
+    assert grads_b.keys() == grads_p.keys() and any("nblora_" in n for n in grads_b)
+    for name in grads_b:
+        assert torch.allclose(grads_b[name], grads_p[name], rtol=0, atol=1e-12), name
+
+
+def test_batched_pass_runs_one_cayley_per_shape_group(monkeypatch):
+    calls = []
+
+    def counted(F, **kwargs):
+        calls.append(tuple(F.shape))
+        return cayley(F, **kwargs)
+
+    model = injected(CONFIGS[0])
+    monkeypatch.setattr(inject_module, "cayley", counted)
+    monkeypatch.setattr(importlib.import_module("nblora_diffusion.core.layer"), "cayley", counted)
+    model(*inputs())
+    # (q, r): to_q/to_out (8+8) x 4 layers, to_k/to_v and context_proj 14 = 6+8 or 8+6, block 2: 24 and 18
+    assert sorted(calls) == sorted([(4, 16, 3), (5, 14, 3), (2, 24, 3), (2, 18, 3)])
+
+
+def test_no_grad_forward_fills_and_then_reuses_the_cache_in_batches(monkeypatch):
+    model = injected(CONFIGS[1]).eval()
+    calls = []
+    monkeypatch.setattr(inject_module, "cayley", lambda F, **kw: calls.append(F.shape) or cayley(F, **kw))
+    x, context = inputs()
+    with torch.no_grad():
+        first = model(x, context)
+        n_first = len(calls)
+        assert torch.equal(model(x, context), first)
+    assert n_first > 0 and len(calls) == n_first
+    with torch.no_grad():  # a change to one adapter refreshes the stale caches in the next batched pass
+        model.blocks[0].to_q.nblora_d.add_(0.1)
+        model(x, context)
+    assert len(calls) > n_first
+
+
+def test_training_step_then_inference_sees_the_new_weights():
+    model = injected(CONFIGS[0])
+    plain = per_layer_copy(model)
+    x, context = inputs()
+    with torch.no_grad():
+        model(x, context)  # fills the caches
+    for m in (model, plain):
+        opt = torch.optim.Adam([t for n, t in m.named_parameters() if "nblora_" in n], lr=0.1)
+        m(x, context).square().mean().backward()
+        opt.step()
+    with torch.no_grad():
+        assert torch.allclose(model(x, context), plain(x, context), atol=1e-12)
+
+
+# -- merge, scale, unload --------------------------------------------------------------------------
+def test_forward_equals_merged_unmerged_and_unloaded_for_a_model():
+    model = injected(CONFIGS[0])
+    x, context = inputs()
+    with torch.no_grad():
+        expected = model(x, context)
+        merge_nblora(model)
+        merged = model(x, context)
+        unmerge_nblora(model)
+        unmerged = model(x, context)
+        unload_nblora(model)
+        unloaded = model(x, context)
+    assert not any(isinstance(m, NBLoRALinear) for m in model.modules())
+    assert not model._forward_pre_hooks
+    for y in (merged, unmerged, unloaded):
+        assert torch.allclose(y, expected, rtol=0, atol=1e-12)
+
+
+def test_unload_without_merge_gives_back_the_base_model():
+    torch.manual_seed(0)
+    base = TinyNet()
+    model = copy.deepcopy(base)
+    inject_nblora(model, CONFIGS[1])
+    randomize_adapters(model)
+    merge_nblora(model)
+    unload_nblora(model, merge=False)
+    x, context = inputs()
+    with torch.no_grad():
+        assert torch.allclose(model(x, context), base(x, context), rtol=0, atol=1e-12)
+
+
+def test_scale_zero_gives_the_base_model_and_scale_is_linear():
+    torch.manual_seed(0)
+    base = TinyNet()
+    model = copy.deepcopy(base)
+    inject_nblora(model, NBLoRAConfig(rank=2, p=2, delta=1.0, target_modules=("to_out.0",)))
+    randomize_adapters(model)
+    x, context = inputs()
+    with torch.no_grad():
+        full = model(x, context)
+        set_nblora_scale(model, 0.0)
+        assert torch.equal(model(x, context), base(x, context))
+        set_nblora_scale(model, 1.0)
+        assert torch.equal(model(x, context), full)

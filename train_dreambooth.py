@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""DreamBooth training of Stable Diffusion (SD1.x/2.x/SDXL) with NB-LoRA or a PEFT baseline.
+
+    python train_dreambooth.py --pretrained_model_name_or_path MODEL --instance_data_dir DIR \\
+        --instance_prompt "a photo of sks dog" --output_dir OUT [options]
+    accelerate launch train_dreambooth.py ...          # multi-GPU
+    python train_dreambooth.py --demo --output_dir demo_out   # offline demo on the tiny built-in model
+
+A thin command line over ``nblora_diffusion.training``: parse -> TrainConfig -> train -> report.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets" / "dreambooth"
+
+
+def parse(argv: list[str] | None):
+    """TrainConfig from the command line; with --demo the demo values are the defaults (given options win)."""
+    from nblora_diffusion.training.config import build_parser, config_from_namespace, demo_overrides
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        if not (ASSETS / "dog").is_dir():
+            raise ValueError(f"--demo needs the bundled photos in {ASSETS / 'dog'}")
+        probe = build_parser()
+        probe.set_defaults(pretrained_model_name_or_path=None)
+        model = probe.parse_args(argv).pretrained_model_name_or_path
+        if model is None:
+            from nblora_diffusion.testing import tiny_sd_path
+
+            model = tiny_sd_path()  # built once, offline; the same seed gives the same weights
+        parser.set_defaults(**demo_overrides(model, ASSETS, args.output_dir))
+        args = parser.parse_args(argv)
+    return config_from_namespace(args)
+
+
+def report(config, result) -> None:
+    """Where everything went."""
+    out = result.output_dir
+    state = "stopped" if result.stopped else "finished"
+    print(f"training {state} at step {result.final_step}; outputs in {out.resolve()}")
+    for name, what in (
+        ("nblora_config.json", "NB-LoRA adapter (diffusion.load_adapter)"),
+        ("pytorch_lora_weights.safetensors", "plain LoRA for diffusers' pipe.load_lora_weights"),
+        ("kohya_lora.safetensors", "kohya / A1111 / ComfyUI LoRA"),
+        ("train_log.csv", "per-step loss and lr"),
+        ("norms.csv", "per-layer norm ratio and largest singular value"),
+        ("norm_curves.png", "norm curves"),
+        ("validation", "validation grids"),
+        (config.logging_dir, "TensorBoard logs"),
+    ):
+        if (out / name).exists():
+            print(f"  {out / name}: {what}")
+    if result.last_checkpoint:
+        print(f"  {result.last_checkpoint}: last checkpoint (--resume_from_checkpoint latest)")
+    if config.demo:
+        print(f"  base model: {config.pretrained_model_name_or_path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "diffusers", "transformers", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        config = parse(argv)
+        from nblora_diffusion.training import train
+
+        result = train(config)
+    except (ValueError, OSError) as e:  # bad input, full disk, permissions: one line, no traceback
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; continue with --resume_from_checkpoint latest", file=sys.stderr)
+        return 130
+    report(config, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
