@@ -37,3 +37,4 @@ bench: setup
 	$(PY) benchmarks/cayley_bench.py
 	$(PY) benchmarks/inference_bench.py
 	$(PY) benchmarks/train_step_bench.py
+	$(PY) benchmarks/metrics_bench.py

@@ -9,7 +9,8 @@ Variants, timed round-robin on one pipeline so that machine noise hits all of th
     python benchmarks/inference_bench.py                      # CPU: 256 px, fp32
     python benchmarks/inference_bench.py --device cuda        # (default with CUDA) 512 px, fp16
 
-Prints the median seconds per image of each variant and its images/s relative to base.
+Prints, for one UNet step and for a whole generation, the median and minimum time of each variant and
+its speed relative to base (images/s ratio: 1.00x = no overhead, 0.97x = 3 % slower).
 """
 
 from __future__ import annotations
@@ -84,6 +85,33 @@ def generate(pipe, size: int, steps: int) -> float:
     return time.perf_counter() - start
 
 
+def report(title: str, unit: str, times: dict[str, list[float]]) -> None:
+    """Median and min (the least-disturbed run on a shared machine) per variant, as ratios to base."""
+    print(f"\n{title}: {len(times['base'])} timings per variant")
+    print(f"{'variant':<10} {'median ' + unit:>15} {'min ' + unit:>12} {'speed vs base (median)':>23} "
+          f"{'(min)':>7}")  # fmt: skip
+    base_med, base_min = statistics.median(times["base"]), min(times["base"])
+    for name, ts in times.items():
+        med, low = statistics.median(ts), min(ts)
+        print(f"{name:<10} {med:>15.3f} {low:>12.3f} {base_med / med:>22.3f}x {base_min / low:>6.3f}x")
+
+
+def unet_step(pipe, size: int) -> float:
+    """One classifier-free-guidance UNet forward (batch 2), the unit the adapters add cost to."""
+    dev, dtype = pipe.unet.device, pipe.unet.dtype
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    latents = torch.randn(2, 4, size // 8, size // 8, generator=gen).to(dev, dtype)
+    text = torch.randn(2, 77, pipe.text_encoder.config.hidden_size, generator=gen).to(dev, dtype)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        pipe.unet(latents, 500, encoder_hidden_states=text)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -91,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default fp32 CPU, fp16 CUDA"
     )
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 4 CPU, 25 CUDA)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 2 CPU, 25 CUDA)")
     parser.add_argument(
         "--rounds", type=int, default=None, help="timed rounds per variant (default 3 CPU, 10 CUDA)"
     )
+    parser.add_argument("--unet-reps", type=int, default=None, help="UNet steps timed per variant per round")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
@@ -105,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     size = args.size or (512 if cuda else 256)
-    steps = args.steps or (25 if cuda else 4)
+    steps = args.steps or (25 if cuda else 2)
     rounds = args.rounds or (10 if cuda else 3)
+    unet_reps = args.unet_reps or (10 if cuda else 2)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if cuda else "fp32")
     ]
@@ -147,19 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"SD1.5 architecture, random weights | {args.device} {str(dtype).removeprefix('torch.')} | "
           f"{size}px, {steps} steps | NB-LoRA rank {args.rank} on {n_layers} attention projections | "
           f"threads {torch.get_num_threads()} | {rounds} rounds")  # fmt: skip
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    images = {name: [] for name in variants}
+    steps_t = {name: [] for name in variants}
     for setup in variants.values():  # warm-up (allocator, kernels, first-call caches)
         setup()
-        generate(pipe, size, min(steps, 2))
-    for _ in range(rounds):  # the pipeline call itself runs under no_grad
+        generate(pipe, size, 1)
+    for _ in range(rounds):  # round-robin: load changes on a shared machine hit every variant alike
         for name, setup in variants.items():
             setup()
-            times[name].append(generate(pipe, size, steps))
-    base = statistics.median(times["base"])
-    print(f"{'variant':<10} {'s/image':>9} {'images/s vs base':>17} {'time vs base':>13}")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:<10} {med:>9.3f} {base / med:>16.3f}x {med / base:>12.3f}x")
+            for _ in range(unet_reps):
+                steps_t[name].append(unet_step(pipe, size))
+            images[name].append(generate(pipe, size, steps))
+    report("UNet step (CFG batch 2)", "s/step", steps_t)
+    report(f"pipeline ({steps} steps + text encoder + VAE decode)", "s/image", images)
     lora_dir.cleanup()
     return 0
 

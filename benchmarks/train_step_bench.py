@@ -6,12 +6,12 @@ to_out.0) at rank 16; NB-LoRA with p = 2, δ = 1 (its pre-forward hook runs the 
 transforms), PEFT LoRA with lora_alpha = rank, trained in float32 as train_dreambooth.py does.
 
 CPU: float32 at 256 px (32×32 latents). GPU: fp16 base weights, float32 adapters, fp16 autocast at
-512 px. Time: median step of each block, the two adapters interleaved round by round (background
-load hits both), best round counts. Memory: peak allocated during one step above the level before it
-(CUDA: the allocator's peak; CPU: the running sum of the profiler's allocation events), and the same
-plus every resident tensor (weights, adapter, optimizer state) as the total.
+512 px. Time: the two adapters interleaved round by round (background load hits both); the fastest
+step of all rounds counts. Memory: peak allocated during one step above the level before it (CUDA:
+the allocator's peak; CPU: the running sum of the profiler's allocation events), and the same plus
+every resident tensor (weights, adapter, optimizer state) as the total.
 
-    python benchmarks/train_step_bench.py [--resolution 256] [--rank 16] [--steps 3] [--rounds 2]
+    python benchmarks/train_step_bench.py [--resolution 256] [--rank 16] [--steps 3] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import argparse
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -94,6 +93,7 @@ def make_step(unet, optimizer, resolution: int, device: torch.device):
 
 
 def time_steps(step, n: int, device: torch.device) -> float:
+    """Fastest of ``n`` steps: on a shared machine, slower runs measure the neighbours, not the step."""
     times = []
     for _ in range(n):
         synchronize(device)
@@ -101,7 +101,7 @@ def time_steps(step, n: int, device: torch.device) -> float:
         step()
         synchronize(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def peak_bytes(step, optimizer, device: torch.device) -> int:
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=None, help="px (default: 256 on CPU, 512 on GPU)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per block (after one warm-up)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best median counts")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the fastest step counts")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

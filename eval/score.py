@@ -1,6 +1,6 @@
 """Scoring adapters of one subject: generate with fixed seeds, embed, score, write the report.
 
-Per checkpoint, the numbers are cached in OUT/scores/<checkpoint>.json together with a fingerprint of
+Per checkpoint, the numbers are cached in OUT/scores/<run>/<checkpoint>.json with a fingerprint of
 every setting and of the adapter files, so an interrupted scoring run continues where it stopped and a
 changed setting or checkpoint is scored again.
 """
@@ -44,7 +44,7 @@ class GenerationConfig:
 
     def describe(self) -> dict:
         d = asdict(self)
-        for key in ("batch_size", "device", "save_images"):  # do not change the images' seeds or content
+        for key in ("batch_size", "device", "save_images"):  # not protocol: same seeds, same images
             d.pop(key)
         return d
 
@@ -95,11 +95,9 @@ class Scorer:
         gen: GenerationConfig | None = None,
         allow_other_base: bool = False,
     ) -> None:
-        self.base_model, self.gen, self.allow_other_base = (
-            str(base_model),
-            gen or GenerationConfig(),
-            allow_other_base,
-        )
+        self.base_model = str(base_model)
+        self.gen = gen or GenerationConfig()
+        self.allow_other_base = allow_other_base
         self.suite = MetricSuite(metrics)
         self._pipe = None
 

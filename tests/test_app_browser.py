@@ -22,6 +22,7 @@ from PIL import Image
 from nblora_diffusion.app_logic import generation
 from nblora_diffusion.diffusion import load_adapter, load_pipeline
 from nblora_diffusion.testing import tiny_sd_path
+from nblora_diffusion.testing.metric_models import metric_models_path
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -43,7 +44,8 @@ def browser():
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    with served_app(str(tiny_sd_path()), tmp_path_factory.mktemp("app")) as (url, handlers):
+    metrics = metric_models_path().config()  # tiny random-weight DINO, CLIP and LPIPS for the Evaluate tab
+    with served_app(str(tiny_sd_path()), tmp_path_factory.mktemp("app"), metrics) as (url, handlers):
         yield url, handlers
 
 
@@ -182,12 +184,25 @@ def test_train_generate_move_the_slider_and_download(page, app, tmp_path):
     np.testing.assert_array_equal(zero, expected)
     assert not np.array_equal(zero, half)
 
+    page.get_by_role("tab", name="Evaluate").click()
+    assert (
+        page.locator("#photos-dir input, #photos-dir textarea")
+        .first.input_value()
+        .endswith(Path(folder).name)
+    )
+    page.locator("#evaluate").click()
+    page.wait_for_selector("#scores td:has-text('adapter')")
+    shot(page, "09-evaluate-scores")
+    header = page.locator("#scores th").all_inner_texts()
+    assert [h.strip() for h in header][:4] == ["images", "variant", "δ'", "dino"]
+    page.get_by_role("tab", name="Generate").click()
+
     page.locator("#prepare-downloads").click()
     link = page.locator("#downloads a[download$='-nblora.zip']")
     link.wait_for()
     assert page.locator("#downloads a[download='pytorch_lora_weights.safetensors']").count() == 1
     assert page.locator("#downloads a[download$='-kohya.safetensors']").count() == 1
-    shot(page, "09-downloads")
+    shot(page, "10-downloads")
     with page.expect_download() as info:
         link.click()
     saved = tmp_path / info.value.suggested_filename
@@ -212,19 +227,19 @@ def test_stop_keeps_a_loadable_checkpoint_while_a_second_user_waits(browser, app
             set_number(a, elem_id, value)
         a.locator("#start").click()
         status_matches(a, "train-status", r"step \d+/500 · loss")
-        shot(a, "10-long-training-running")
+        shot(a, "11-long-training-running")
 
         upload(b, DOG)
         status_matches(b, "upload-status", r"5 photos ready")
         b.locator("#start").click()
         status_matches(b, "train-status", r"Waiting in the training queue: 1 training\(s\) ahead of yours\.")
-        shot(b, "11-second-user-waits-with-position")
+        shot(b, "12-second-user-waits-with-position")
         b.locator("#stop").click()
         status_matches(b, "train-status", r"Cancelled")
 
         a.locator("#stop").click()
         stopped = status_matches(a, "train-status", r"Stopped at step \d+; the last checkpoint is \S+")
-        shot(a, "12-stopped-with-checkpoint")
+        shot(a, "13-stopped-with-checkpoint")
     finally:
         ctx_b.close()
         ctx_a.close()

@@ -341,6 +341,23 @@ def test_no_grad_cache_is_invalidated_after_an_optimizer_step():
     assert torch.allclose(after, expected, atol=1e-13)
 
 
+@pytest.mark.parametrize("kwargs", [{"fused": True}, {"foreach": True}], ids=["fused", "foreach"])
+def test_no_grad_cache_is_invalidated_after_a_fused_adamw_step(kwargs):
+    """Fused AdamW updates parameters without bumping their version counters."""
+    layer = randomize(make_layer(dtype=torch.float32))
+    x = torch.randn(3, 5)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, **kwargs)
+    for _ in range(2):
+        with torch.no_grad():
+            layer(x)  # fills the cache
+        layer(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            expected = layer.base_layer(x) + x @ fresh_delta_weight(layer).T
+            assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
 def test_cache_follows_in_place_loads_of_new_values():
     layer = randomize(make_layer())
     x = torch.randn(3, 5, dtype=torch.float64)

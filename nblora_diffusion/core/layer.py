@@ -95,8 +95,8 @@ class NBLoRALinear(nn.Module):
         """Each tall matrix F this layer sends through the Cayley transform, as blocks of Fᵀ.
 
         F = cat(blocks, dim=-1)ᵀ. For parameterization II the blocks are the parameters Ã (r, n)
-        and B̃ (r, m) themselves, so the batched path stacks contiguous tensors and concatenates
-        along their rows; Fᵀ is never transposed in memory.
+        and B̃ (r, m) themselves, so the batched path builds Fᵀ of a whole group with one
+        concatenation of contiguous tensors and never transposes in memory.
         """
         if self.parameterization == "II":
             return [(self.nblora_A, self.nblora_B)]  # [Ãᵀ; B̃ᵀ]ᵀ = [Ã, B̃]: (r, n + m)
