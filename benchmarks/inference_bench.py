@@ -182,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     for setup in variants.values():  # warm-up (allocator, kernels, first-call caches)
         setup()
         generate(pipe, size, 1)
-    for _ in range(rounds):  # round-robin: load changes on a shared machine hit every variant alike
-        for name, setup in variants.items():
+    order = list(variants)
+    for r in range(rounds):  # round-robin, rotating who goes first: drifting load hits every variant alike
+        for name in order[r % len(order) :] + order[: r % len(order)]:
+            setup = variants[name]
             setup()
             for _ in range(unet_reps):
                 steps_t[name].append(unet_step(pipe, size))

@@ -143,6 +143,7 @@ def test_inconsistent_options_are_one_line_value_errors(changes, message):
         (("--resume_from_checkpoint", "checkpoint-99"), None, "no checkpoint folder"),
         (("--with_prior_preservation", "--class_data_dir", "c"), None, "needs --class_prompt"),
         (("--adapter", "nope"), None, "invalid choice"),
+        (("--rank", "1000"), None, "rank must be"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_error_line_and_writes_nothing(

@@ -29,6 +29,7 @@ from .setup import (
     make_dataloader,
     make_optimizer,
     prepare_output,
+    write_run_config,
 )
 from .text import PromptEncoder
 
@@ -169,27 +170,35 @@ def train(
     )
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    pipe, weight_dtype, resolution = load_base(config, accelerator)
-    for p in photos:
-        if min(p.image.size) < resolution and config.resolution is None:
-            log.warning(
-                "%s is %dx%d, smaller than the resolution %d: it will be upsampled",
-                p.path.name,
-                *p.image.size,
-                resolution,
-            )
-    sdxl = diffusion.is_sdxl(pipe)
-    prepare_output(config, out, resume, accelerator)
-    classes = class_photos(config, pipe, resolution, sdxl, data_seed, accelerator)
-    setup = add_adapters(pipe, config)
-    run = Run(config, out, accelerator, pipe, setup, resolution, sdxl, weight_dtype, data_seed)
+    run = None
     try:
+        pipe, weight_dtype, resolution = load_base(config, accelerator)
+        warn_small(photos, resolution, config)
+        sdxl = diffusion.is_sdxl(pipe)
+        classes = class_photos(config, pipe, resolution, sdxl, data_seed, accelerator)
+        setup = add_adapters(pipe, config)
+        prepare_output(config, out, accelerator)  # the first write to --output_dir: every check has passed
+        write_run_config(config, out, resume, accelerator)
+        run = Run(config, out, accelerator, pipe, setup, resolution, sdxl, weight_dtype, data_seed)
         parts = build(run, photos, classes, resume)
         return fit(run, parts, callbacks, should_stop)
     except torch.OutOfMemoryError:
-        raise TrainingError(f"out of memory at step {run.global_step + 1}; {OOM_HINT}") from None
+        where = f"at step {run.global_step + 1}" if run is not None else "while preparing the run"
+        raise TrainingError(f"out of memory {where}; {OOM_HINT}") from None
     finally:
         accelerator.end_training()
+
+
+def warn_small(photos, resolution: int, config: TrainConfig) -> None:
+    if config.resolution is None:  # with an explicit --resolution, load_photos has warned already
+        for p in photos:
+            if min(p.image.size) < resolution:
+                log.warning(
+                    "%s is %dx%d, smaller than %d px: it will be upsampled",
+                    p.path.name,
+                    *p.image.size,
+                    resolution,
+                )
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -92,15 +94,24 @@ def load_base(config: TrainConfig, accelerator) -> tuple[object, torch.dtype, in
     return pipe, weight_dtype, resolution
 
 
-def prepare_output(config: TrainConfig, out: Path, resume: Path | None, accelerator) -> None:
+def prepare_output(config: TrainConfig, out: Path, accelerator) -> None:
+    """Create the folder; --overwrite_output_dir removes what a previous run wrote (only that)."""
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if config.overwrite_output_dir:
             clear_previous_run(out, config.logging_dir)
         ckpt.remove_stale_temporaries(out)
-        if resume is None:
-            (out / CONFIG_FILE).write_text(config.to_json() + "\n")
     accelerator.wait_for_everyone()
+
+
+def write_run_config(config: TrainConfig, out: Path, resume: Path | None, accelerator) -> None:
+    """train_config.json, once every setup step has passed (a resumed run keeps the original)."""
+    if accelerator.is_main_process and resume is None:
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{CONFIG_FILE}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(config.to_json() + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out / CONFIG_FILE)
 
 
 def class_photos(
