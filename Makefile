@@ -27,8 +27,9 @@ browser:
 demo: setup
 	$(PY) train_dreambooth.py --demo --output_dir demo_out --overwrite_output_dir
 
+# One torch thread: the tests use tiny models (and run subprocesses beside pytest), where threads only contend.
 test: setup browser
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -19,7 +19,9 @@ ASSETS = Path(__file__).resolve().parent / "assets" / "dreambooth"
 
 
 def parse(argv: list[str] | None):
-    """TrainConfig from the command line; with --demo the demo values are the defaults (given options win)."""
+    """TrainConfig from the command line; with --demo the demo values are the defaults (given options win).
+
+    Returns (config, whether the base model is the tiny built-in one)."""
     from nblora_diffusion.training.config import build_parser, config_from_namespace, demo_overrides
 
     parser = build_parser()
@@ -30,16 +32,18 @@ def parse(argv: list[str] | None):
         probe = build_parser()
         probe.set_defaults(pretrained_model_name_or_path=None)
         model = probe.parse_args(argv).pretrained_model_name_or_path
-        if model is None:
+        builtin = model is None
+        if builtin:
             from nblora_diffusion.testing import tiny_sd_path
 
             model = tiny_sd_path()  # built once, offline; the same seed gives the same weights
         parser.set_defaults(**demo_overrides(model, ASSETS, args.output_dir))
         args = parser.parse_args(argv)
-    return config_from_namespace(args)
+        return config_from_namespace(args), builtin
+    return config_from_namespace(args), False
 
 
-def report(config, result) -> None:
+def report(config, result, builtin_model: bool) -> None:
     """Where everything went."""
     out = result.output_dir
     state = "stopped" if result.stopped else "finished"
@@ -58,8 +62,11 @@ def report(config, result) -> None:
             print(f"  {out / name}: {what}")
     if result.last_checkpoint:
         print(f"  {result.last_checkpoint}: last checkpoint (--resume_from_checkpoint latest)")
-    if config.demo:
-        print(f"  base model: {config.pretrained_model_name_or_path}")
+    if builtin_model:
+        print(
+            "  base model: the tiny built-in random-weight SD, a temporary copy; "
+            "`python -m nblora_diffusion.testing.tiny_sd DIR` rebuilds the same weights"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "diffusers", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        config = parse(argv)
+        config, builtin_model = parse(argv)
         from nblora_diffusion.training import train
 
         result = train(config)
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; continue with --resume_from_checkpoint latest", file=sys.stderr)
         return 130
-    report(config, result)
+    report(config, result, builtin_model)
     return 0
 
 

@@ -9,8 +9,9 @@ Variants, timed round-robin on one pipeline so that machine noise hits all of th
     python benchmarks/inference_bench.py                      # CPU: 256 px, fp32
     python benchmarks/inference_bench.py --device cuda        # (default with CUDA) 512 px, fp16
 
-Prints, for one UNet step and for a whole generation, the median and minimum time of each variant and
-its speed relative to base (images/s ratio: 1.00x = no overhead, 0.97x = 3 % slower).
+Prints the FLOPs of one UNet step per variant (exact, free of timing noise), then for one UNet step and
+for a whole generation the median and minimum time of each variant and its speed relative to base
+(images/s ratio: 1.00x = no overhead, 0.97x = 3 % slower).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import tempfile
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from nblora_diffusion.core import load_nblora_state_dict, materialize, nblora_layers, nblora_state_dict
 from nblora_diffusion.diffusion import (
@@ -190,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(unet_reps):
                 steps_t[name].append(unet_step(pipe, size))
             images[name].append(generate(pipe, size, steps))
+    flops = {}
+    for name, setup in variants.items():  # deterministic: what each variant computes, free of timing noise
+        setup()
+        with FlopCounterMode(display=False) as counter:
+            unet_step(pipe, size)
+        flops[name] = counter.get_total_flops()
+    print("\nUNet step FLOPs: " + ", ".join(f"{n} {f / flops['base']:.4f}x" for n, f in flops.items()))
     report("UNet step (CFG batch 2)", "s/step", steps_t)
     report(f"pipeline ({steps} steps + text encoder + VAE decode)", "s/image", images)
     lora_dir.cleanup()

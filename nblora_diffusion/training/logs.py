@@ -145,7 +145,11 @@ def plot_norms(output_dir: Path) -> Path | None:
         ax1.plot(steps, [r for _, r, _ in rows], lw=0.7, alpha=0.6)
         ax2.plot(steps, [s for _, _, s in rows], lw=0.7, alpha=0.6)
     ax1.axhline(1.0, color="k", ls="--", lw=1, label="bound δ")
-    ax1.set(xlabel="step", ylabel="‖W‖_Sp / δ", title=f"norm ratio per layer ({len(series)} layers)")
+    ax1.set(
+        xlabel="step",
+        ylabel=r"$\|W\|_{S_p}\,/\,\delta$",
+        title=f"norm ratio per layer ({len(series)} layers)",
+    )
     ax1.legend(loc="lower right")
     ax2.set(xlabel="step", ylabel="σ₁(W)", title="largest singular value per layer")
     fig.tight_layout()
