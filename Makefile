@@ -25,7 +25,7 @@ browser:
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi; }
 
 demo: setup
-	$(PY) train_dreambooth.py --demo --output_dir demo_out --overwrite_output_dir
+	OMP_NUM_THREADS=1 $(PY) train_dreambooth.py --demo --output_dir demo_out --overwrite_output_dir
 
 # One torch thread: the tests use tiny models (and run subprocesses beside pytest), where threads only contend.
 test: setup browser
