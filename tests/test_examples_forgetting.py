@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "forgetting.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("forgetting_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_example
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("forgetting")
-    results = load_example().main(["--quick", "--out", str(out)])
+    results = load_example("forgetting").main(["--quick", "--out", str(out)])
     runs = {(r["adapter"], r["lr"]): r for r in results["runs"]}
     return results, runs, out
 
@@ -55,6 +42,6 @@ def test_lora_degrades_at_high_learning_rate_while_nblora_stays_stable(quick):
 
 def test_bad_arguments_print_an_error_and_exit_non_zero(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load_example().main(["--quick", "--rank", "0"])
+        load_example("forgetting").main(["--quick", "--rank", "0"])
     assert exit_info.value.code != 0
     assert capsys.readouterr().err.startswith("error: --rank")

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "llama_trainer_smoke.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("llama_trainer_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_example
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("llama")
     # bf16 autocast and gradient checkpointing: the Trainer features the example demonstrates
-    return load_example().main(["--quick", "--bf16", "--gradient_checkpointing", "--out", str(out)])
+    return load_example("llama_trainer_smoke").main(
+        ["--quick", "--bf16", "--gradient_checkpointing", "--out", str(out)]
+    )
 
 
 def test_trainer_fine_tuning_learns_the_counting_task(quick):
@@ -46,7 +35,7 @@ def test_native_reload_and_peft_export_reproduce_the_trained_logits(quick):
 
 def test_bad_bound_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load_example().main(["--quick", "--delta", "-1"])
+        load_example("llama_trainer_smoke").main(["--quick", "--delta", "-1"])
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "delta" in err and err.count("\n") == 1

@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "matrix_completion.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("matrix_completion_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_example
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("mc")
-    return load_example().main(["--quick", "--out", str(out)]), out
+    return load_example("matrix_completion").main(["--quick", "--out", str(out)]), out
 
 
 def test_quick_run_writes_its_numbers_and_plot(quick):
@@ -67,7 +54,7 @@ def test_stronger_nuclear_norm_penalty_gives_a_smaller_norm_and_rank(quick):
 
 def test_bad_arguments_print_an_error_and_exit_non_zero(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load_example().main(["--quick", "--steps", "0"])
+        load_example("matrix_completion").main(["--quick", "--steps", "0"])
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
     assert err.startswith("error: --steps") and "Traceback" not in err

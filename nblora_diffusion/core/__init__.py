@@ -21,6 +21,7 @@ from .state import (
     load_nblora_state_dict,
     nblora_state_dict,
     read_nblora_file,
+    read_safetensors,
     save_nblora,
 )
 
@@ -44,6 +45,7 @@ __all__ = [
     "nblora_state_dict",
     "parse_p",
     "read_nblora_file",
+    "read_safetensors",
     "save_nblora",
     "schatten_norm",
     "set_nblora_scale",

@@ -95,17 +95,24 @@ def save_nblora(model: nn.Module, path: str | os.PathLike, **metadata) -> None:
     atomic_save_safetensors(tensors, path, meta)
 
 
-def read_nblora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of an NB-LoRA safetensors file, with clear errors for bad files."""
+def read_safetensors(path: str | os.PathLike, what: str = "safetensors") -> tuple[dict, dict[str, str]]:
+    """Tensors and metadata of a safetensors file; one-line ValueError for a missing or corrupt file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"NB-LoRA file not found: {path}")
+        raise ValueError(f"{what} file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise ValueError(f"cannot read {path}: not a valid safetensors file ({e})") from None
+    return tensors, meta
+
+
+def read_nblora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of an NB-LoRA safetensors file, with clear errors for bad files."""
+    tensors, meta = read_safetensors(path, "NB-LoRA")
+    path = Path(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not an NB-LoRA adapter file (metadata format={meta.get('format')!r})")
     return tensors, meta

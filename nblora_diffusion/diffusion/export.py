@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..core import (
@@ -26,6 +25,7 @@ from ..core import (
     load_nblora_state_dict,
     nblora_layers,
     nblora_state_dict,
+    read_safetensors,
 )
 from .adapter import adapted_components
 from .pipeline import architecture, components, is_sdxl
@@ -118,14 +118,7 @@ def _read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                 f"{path}: expected {DIFFUSERS_WEIGHT_NAME} or one .safetensors file, found {len(candidates)}"
             )
         path = candidates[0]
-    if not path.is_file():
-        raise ValueError(f"LoRA file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(f"cannot read {path}: not a valid safetensors file ({e})") from None
+    tensors, meta = read_safetensors(path, "LoRA")
     if not tensors:
         raise ValueError(f"{path} holds no tensors")
     return tensors, meta, path
