@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -18,3 +20,25 @@ def load_example(name: str):
     sys.modules[spec.name] = module  # dataclasses resolve their module by name
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def cayley_calls(monkeypatch) -> list[tuple[int, int, int]]:
+    """Records (L, q, r) of every Cayley transform the layers and the batched pass run."""
+    import importlib
+
+    cayley_module, inject, layer = (
+        importlib.import_module(f"nblora_diffusion.core.{name}") for name in ("cayley", "inject", "layer")
+    )
+
+    calls: list[tuple[int, int, int]] = []
+    original = cayley_module.cayley_transposed
+
+    def counted(blocks, **kwargs):
+        L = blocks[0].shape[0] if blocks[0].dim() == 3 else 1
+        calls.append((L, sum(b.shape[-1] for b in blocks), blocks[0].shape[-2]))
+        return original(blocks, **kwargs)
+
+    monkeypatch.setattr(inject, "cayley_transposed", counted)
+    monkeypatch.setattr(layer, "cayley_transposed", counted)
+    return calls

@@ -70,8 +70,11 @@ def test_cayley_is_semi_orthogonal_and_fused_agrees_for_any_input(q, r_frac, bat
     gen = torch.Generator().manual_seed(seed)
     F = torch.randn(batch, q, r, dtype=torch.float64, generator=gen) * 10**log_scale
     Q = cayley(F)
-    assert semi_orthonormality_error(Q) < tol(q, torch.float64)
-    assert torch.allclose(Q, cayley(F, fused=False), rtol=0, atol=tol(q, torch.float64))
+    # rounding is amplified by the condition number of M = I + X - Xᵀ + YᵀY (up to ~1e4 here)
+    X, Y = F[..., :r, :], F[..., r:, :]
+    kappa = float(torch.linalg.cond(torch.eye(r, dtype=F.dtype) + X - X.mT + Y.mT @ Y).max())
+    assert semi_orthonormality_error(Q) < tol(q, torch.float64) * kappa
+    assert torch.allclose(Q, cayley(F, fused=False), rtol=0, atol=tol(q, torch.float64) * kappa)
 
 
 def test_zero_bottom_block_gives_zero_bottom_block():

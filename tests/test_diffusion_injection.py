@@ -9,8 +9,6 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-import nblora_diffusion.core.inject as core_inject
-import nblora_diffusion.core.layer as core_layer
 from nblora_diffusion.core import NBLoRALinear, nblora_layers
 from nblora_diffusion.diffusion import (
     TARGET_PRESETS,
@@ -183,19 +181,11 @@ def test_xformers_attention_runs_with_adapters():
     assert torch.allclose(images(pipe).cpu(), sdpa, atol=1e-3)
 
 
-def test_adapters_are_materialised_once_not_per_denoising_step(monkeypatch):
+def test_adapters_are_materialised_once_not_per_denoising_step(cayley_calls):
     pipe = load_pipeline(tiny_sd_path())
     add_nblora(pipe, make_config(4, "inf", delta=0.5), make_config(2, 2, delta=0.3, component="text_encoder"))
     perturb(pipe)
-    calls = []
-
-    def counting(F, **kw):
-        calls.append(tuple(F.shape))
-        return cayley(F, **kw)
-
-    cayley = core_inject.cayley
-    monkeypatch.setattr(core_inject, "cayley", counting)
-    monkeypatch.setattr(core_layer, "cayley", counting)
+    calls = cayley_calls
     images(pipe, steps=4)
     first = len(calls)
     # one batched Cayley call per (shape) group, all in the first forward of each model

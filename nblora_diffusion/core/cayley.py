@@ -14,6 +14,7 @@ and the backward is a GEMM rather than a triangular solve with q right-hand side
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -28,7 +29,13 @@ def _add_identity(A: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
 
 
 class _FusedCayley(torch.autograd.Function):
-    """Cayley transform of a (L, q, r) batch with a hand-written backward (paper Appendix C).
+    """Cayley transform of an (L, q, r) batch given as column blocks of Fᵀ, with a hand-written
+    backward (paper Appendix C).
+
+    Input: blocks T_k of shape (L, r, q_k) with Fᵀ = [T_0, T_1, ...] and q_0 >= r (for an adapter
+    the blocks are its parameters Ã (r, n) and B̃ (r, m) themselves, stacked over layers). Output:
+    the blocks of Qᵀ = [G; H]ᵀ with the same shapes. Working on Fᵀ keeps every q-sized operand
+    row-major with unit stride and needs no concatenation of the blocks.
 
     Derivation, with the sign of the paper's first ∇Y term corrected. With G = 2N - I, H = -2YN:
         dL = <∇G, 2 dN> + <∇H, -2 dY N - 2 Y dN>,   dN = -N dM N,   dM = dX - dXᵀ + dYᵀY + YᵀdY.
@@ -36,39 +43,48 @@ class _FusedCayley(torch.autograd.Function):
         ∇X = ∇M - ∇Mᵀ,
         ∇Y = Y (∇M + ∇Mᵀ) - 2 ∇H Nᵀ.
     Y is not saved: Y = -½ H M, so -2Yᵀ∇H = Mᵀ (Hᵀ∇H) and Y (∇M + ∇Mᵀ) = H C with
-    C = -½ M (∇M + ∇Mᵀ). Only the output Q = [G; H] and the r×r matrices M, N are kept for
-    backward; its three q-sized products (Hᵀ∇H, H C, ∇H Nᵀ) are GEMMs.
+    C = -½ M (∇M + ∇Mᵀ). Only the output blocks and the r×r matrices M, N are kept for backward;
+    its q-sized products (Hᵀ∇H, Cᵀ Hᵀ, N ∇Hᵀ) are GEMMs.
     """
 
     @staticmethod
-    def forward(ctx, F: torch.Tensor) -> torch.Tensor:
-        r = F.shape[-1]
-        X, Y = F[:, :r], F[:, r:]  # (L, r, r), (L, q-r, r)
-        M = _add_identity(torch.baddbmm(X - X.mT, Y.mT, Y))  # I + X - Xᵀ + YᵀY: (L, r, r)
+    def forward(ctx, *blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        r = blocks[0].shape[-2]
+        Xt = blocks[0][..., :r]  # Xᵀ: (L, r, r)
+        Yts = [blocks[0][..., r:], *blocks[1:]]  # row blocks of Y, transposed: (L, r, q_k)
+        M = torch.baddbmm(Xt.mT - Xt, Yts[0], Yts[0].mT)  # X - Xᵀ + Y_0ᵀ Y_0, contiguous
+        for Yt in Yts[1:]:
+            M.baddbmm_(Yt, Yt.mT)  # + Y_kᵀ Y_k
+        _add_identity(M)
         LU, pivots, _ = torch.linalg.lu_factor_ex(M)  # never singular: σ_min(M) >= 1
-        eye = torch.eye(r, dtype=F.dtype, device=F.device).expand_as(M)
+        eye = torch.eye(r, dtype=M.dtype, device=M.device).expand_as(M)
         N = torch.linalg.lu_solve(LU, pivots, eye)  # (L, r, r)
-        Q = torch.empty(F.shape, dtype=F.dtype, device=F.device)
-        _add_identity(torch.mul(N, 2.0, out=Q[:, :r]), -1.0)  # G = 2N - I
-        torch.bmm(Y, N * -2.0, out=Q[:, r:])  # H = -2YN: (L, q-r, r) @ (L, r, r)
-        ctx.save_for_backward(Q, M, N)
-        return Q
+        Nt2 = N.mT * -2.0
+        outs = [torch.empty(T.shape, dtype=T.dtype, device=T.device) for T in blocks]
+        _add_identity(torch.mul(N.mT, 2.0, out=outs[0][..., :r]), -1.0)  # Gᵀ = 2Nᵀ - I
+        for out, Yt in zip([outs[0][..., r:], *outs[1:]], Yts, strict=True):
+            torch.bmm(Nt2, Yt, out=out)  # Hᵀ = -2 Nᵀ Yᵀ: (L, r, r) @ (L, r, q_k)
+        ctx.save_for_backward(M, N, *outs)
+        ctx.r = r
+        return tuple(outs)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_Q: torch.Tensor) -> torch.Tensor:
-        Q, M, N = ctx.saved_tensors
-        r = Q.shape[-1]
-        H = Q[:, r:]
-        grad_G, grad_H = grad_Q[:, :r], grad_Q[:, r:]
-        K = torch.baddbmm(grad_G, M.mT, H.mT @ grad_H, beta=2.0)  # 2∇G + Mᵀ(Hᵀ∇H): (L, r, r)
+    def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        M, N, *outs = ctx.saved_tensors
+        r = ctx.r
+        Hts = [outs[0][..., r:], *outs[1:]]  # Hᵀ blocks
+        gHts = [grads[0][..., r:], *grads[1:]]  # ∇Hᵀ blocks
+        HtgH = sum(Ht @ gHt.mT for Ht, gHt in zip(Hts, gHts, strict=True))  # Hᵀ∇H: (L, r, r)
+        K = torch.baddbmm(grads[0][..., :r].mT, M.mT, HtgH, beta=2.0)  # 2∇G + Mᵀ(Hᵀ∇H)
         grad_M = -(N.mT @ K @ N.mT)
-        grad_F = torch.empty(Q.shape, dtype=Q.dtype, device=Q.device)
-        torch.sub(grad_M, grad_M.mT, out=grad_F[:, :r])  # ∇X
-        C = (M @ (grad_M + grad_M.mT)).mul_(-0.5)
-        grad_Y = torch.bmm(H, C, out=grad_F[:, r:])  # (L, q-r, r) @ (L, r, r)
-        grad_Y.baddbmm_(grad_H, N.mT * -2.0)  # ∇Y = H C - 2∇H Nᵀ
-        return grad_F
+        Ct = ((grad_M + grad_M.mT) @ M.mT).mul_(-0.5)  # Cᵀ = -½ (∇M + ∇Mᵀ)ᵀ Mᵀ, symmetric part
+        N2 = N * -2.0
+        grad_blocks = [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outs]
+        torch.sub(grad_M.mT, grad_M, out=grad_blocks[0][..., :r])  # ∇Xᵀ
+        for out, Ht, gHt in zip([grad_blocks[0][..., r:], *grad_blocks[1:]], Hts, gHts, strict=True):
+            torch.bmm(Ct, Ht, out=out).baddbmm_(N2, gHt)  # ∇Yᵀ = Cᵀ Hᵀ - 2 N ∇Hᵀ
+        return tuple(grad_blocks)
 
 
 def _plain_cayley(F: torch.Tensor) -> torch.Tensor:
@@ -96,15 +112,30 @@ def cayley(F: torch.Tensor, *, fused: bool = True) -> torch.Tensor:
         raise ValueError(f"cayley expects a tall matrix (q >= r >= 1), got q={q}, r={r}")
     if not F.dtype.is_floating_point:
         raise ValueError(f"cayley expects a floating-point tensor, got {F.dtype}")
-    dtype = F.dtype
-    work = F.float() if dtype in _LOW_PRECISION else F
-    autocast = torch.is_autocast_enabled(F.device.type)
-    with torch.autocast(device_type=F.device.type, enabled=False) if autocast else contextlib.nullcontext():
+    (Qt,) = cayley_transposed([F.mT], fused=fused)
+    return Qt.mT
+
+
+def cayley_transposed(blocks: Sequence[torch.Tensor], *, fused: bool = True) -> tuple[torch.Tensor, ...]:
+    """``cayley`` on Fᵀ given as column blocks: Fᵀ = [T_0, T_1, ...], T_k of shape (..., r, q_k), q_0 >= r.
+
+    Returns the matching column blocks of Cayley(F)ᵀ. This is the form the layers use: Fᵀ of an
+    adapter is [Ã, B̃], its parameters as they are, and A, B are the output blocks, so a batch of
+    adapters needs one stack per block and no concatenation or transposition. Same precision
+    handling as ``cayley``.
+    """
+    dtype, device = blocks[0].dtype, blocks[0].device
+    work = [b.float() for b in blocks] if dtype in _LOW_PRECISION else list(blocks)
+    lead, r = work[0].shape[:-2], work[0].shape[-2]
+    autocast = torch.is_autocast_enabled(device.type)
+    with torch.autocast(device_type=device.type, enabled=False) if autocast else contextlib.nullcontext():
         if fused:
-            Q = _FusedCayley.apply(work.reshape(-1, q, r)).reshape(F.shape)
+            outs = _FusedCayley.apply(*(b.reshape(-1, r, b.shape[-1]) for b in work))
+            outs = [o.reshape(*lead, r, o.shape[-1]) for o in outs]
         else:
-            Q = _plain_cayley(work)
-    return Q.to(dtype)
+            Q = _plain_cayley(torch.cat(work, dim=-1).mT)
+            outs = Q.mT.split([b.shape[-1] for b in work], dim=-1)
+    return tuple(o.to(dtype) for o in outs)
 
 
 def inverse_cayley(Q: torch.Tensor) -> torch.Tensor:

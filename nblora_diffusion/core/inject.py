@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .bounds import bound_vector, matrix_schatten_norm
-from .cayley import cayley
+from .cayley import cayley_transposed
 from .config import NBLoRAConfig
 from .layer import NBLoRALinear, gain
 
@@ -60,7 +60,7 @@ def materialize(layers: Iterable[NBLoRALinear]) -> None:
 
 
 def _batched(layers: list[NBLoRALinear], stash: bool) -> None:
-    blocks = [layer.cayley_blocks() for layer in layers]  # blocks of Fᵀ: (r, q_k) each
+    blocks = [layer.cayley_blocks() for layer in layers]  # column blocks of Fᵀ: (r, q_k) each
     groups: dict[tuple, list[tuple[int, int]]] = defaultdict(list)  # (q, r, dtype, device) -> (layer, matrix)
     for i, mats in enumerate(blocks):
         for j, parts in enumerate(mats):
@@ -70,24 +70,18 @@ def _batched(layers: list[NBLoRALinear], stash: bool) -> None:
     for members in groups.values():
         parts = [blocks[i][j] for i, j in members]
         sizes = [b.shape[-1] for b in parts[0]]
-        q, r = sum(sizes), parts[0][0].shape[-2]
-        if len(sizes) == 1:
-            F = torch.stack([p[0].mT for p in parts])  # (L, q, r)
-        elif all([b.shape[-1] for b in p] == sizes for p in parts):
-            # one cat of all blocks of all layers along Fᵀ's rows, [Ã₁ B̃₁ Ã₂ B̃₂ ...] (r, L·q): a single
-            # copy, no per-layer concatenation; F (L, q, r) is a strided view of it
-            Ft = torch.cat([b for p in parts for b in p], dim=-1)
-            F = Ft.view(r, len(parts), q).permute(1, 2, 0)
-        else:  # same q from different splits, e.g. (n, m) and (m, n) layers
-            F = torch.stack([torch.cat(p, dim=-1).mT for p in parts])
-            sizes = None
-        Q = cayley(F)  # (L, q, r)
-        if sizes is None:
-            per_member = [(Qi,) for Qi in Q.unbind(0)]
-        else:
-            per_member = list(zip(*(block.unbind(0) for block in Q.split(sizes, dim=-2)), strict=True))
+        if all([b.shape[-1] for b in p] == sizes for p in parts):
+            # one stack per block over the layers, e.g. all Ã (L, r, n) and all B̃ (L, r, m)
+            outs = cayley_transposed([torch.stack(column) for column in zip(*parts, strict=True)])
+            per_member = list(zip(*(o.unbind(0) for o in outs), strict=True))
+        else:  # same q from different splits, e.g. (n, m) and (m, n) layers: one block per layer
+            (Qt,) = cayley_transposed([torch.stack([torch.cat(p, dim=-1) for p in parts])])
+            per_member = [
+                tuple(Qt_i.split([b.shape[-1] for b in p], dim=-1))
+                for Qt_i, p in zip(Qt.unbind(0), parts, strict=True)
+            ]
         for (i, j), out in zip(members, per_member, strict=True):
-            outputs[i][j] = out if sizes is not None else out[0]
+            outputs[i][j] = out
     gains: list = [None] * len(layers)
     g_groups: dict[tuple, list[int]] = defaultdict(list)
     for i, layer in enumerate(layers):

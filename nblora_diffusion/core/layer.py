@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bounds import bound_vector, check_delta, fit_bound, parse_p, project_to_ball, s_tilde_for, schatten_norm
-from .cayley import cayley, cayley_sign_flip, inverse_cayley
+from .cayley import cayley_sign_flip, cayley_transposed, inverse_cayley
 
 PARAMETERIZATIONS = ("I", "II")
 
@@ -84,19 +84,25 @@ class NBLoRALinear(nn.Module):
     def delta(self) -> float:
         return float(self.nblora_delta)
 
-    def free_tensors(self) -> list[torch.Tensor]:
-        return [*self._parameters.values(), self.nblora_delta]
-
     def _key(self) -> tuple:
-        # called per layer and forward: _parameters directly, not the named_parameters() generator
-        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in self.free_tensors())
+        """Identity of the free tensors' current values: versions, storages, dtype and device.
+
+        Called per layer and forward, so it reads ``_parameters``/``_buffers`` directly. Inference
+        tensors (made under ``torch.inference_mode``) track no version: their key never matches,
+        so factors are recomputed on every forward instead of going stale.
+        """
+        tensors = (*self._parameters.values(), self._buffers["nblora_delta"])
+        try:
+            versions = tuple([t._version for t in tensors])
+        except RuntimeError:
+            versions = object()
+        return versions, tuple([t.data_ptr() for t in tensors]), tensors[0].dtype, tensors[0].device
 
     def cayley_blocks(self) -> list[tuple[torch.Tensor, ...]]:
-        """Each tall matrix F this layer sends through the Cayley transform, as blocks of Fᵀ.
+        """Each tall matrix F this layer sends through the Cayley transform, as column blocks of Fᵀ.
 
-        F = cat(blocks, dim=-1)ᵀ. For parameterization II the blocks are the parameters Ã (r, n)
-        and B̃ (r, m) themselves, so the batched path builds Fᵀ of a whole group with one
-        concatenation of contiguous tensors and never transposes in memory.
+        Fᵀ = cat(blocks, dim=-1) (see ``cayley_transposed``). For parameterization II the blocks are
+        the parameters Ã (r, n) and B̃ (r, m) themselves, so a batch of layers is one stack per block.
         """
         if self.parameterization == "II":
             return [(self.nblora_A, self.nblora_B)]  # [Ãᵀ; B̃ᵀ]ᵀ = [Ã, B̃]: (r, n + m)
@@ -107,26 +113,27 @@ class NBLoRALinear(nn.Module):
         return [(torch.cat(b, dim=-1) if len(b) > 1 else b[0]).mT for b in self.cayley_blocks()]
 
     def factors_from(self, outputs: list, g: torch.Tensor | None = None) -> Factors:
-        """(P_in, P_out, g) from the Cayley outputs of ``cayley_inputs()``, scale not applied.
+        """(P_in, P_out, g) from the Cayley outputs, scale not applied.
 
-        Each output is the (q, r) tensor or the tuple of its row blocks (the blocks of
-        ``cayley_blocks()``, transposed). ``g`` is given when the caller batched it over layers.
+        Each output is the tuple of blocks that ``cayley_transposed`` returns for the matching entry
+        of ``cayley_blocks()``, or the (q, r) output of ``cayley`` for ``cayley_inputs()``. ``g`` is
+        given when the caller batched it over layers.
         """
         blocks = [o if isinstance(o, tuple) else self._split_rows(o, j) for j, o in enumerate(outputs)]
         if g is None:
             g = gain(self.parameterization, self.bound_vector_unscaled(), getattr(self, "nblora_d", None))
         if self.parameterization == "II":
-            ((P_in, P_out),) = blocks  # Aᵀ (n, r), Bᵀ (m, r)
-            return P_in, P_out, g
-        (U,), (V,) = blocks
-        return V, U, g
+            ((A, B),) = blocks  # A (r, n), B (r, m)
+            return A.mT, B.mT, g
+        (Ut,), (Vt,) = blocks
+        return Vt.mT, Ut.mT, g
 
     def _split_rows(self, Q: torch.Tensor, j: int) -> tuple[torch.Tensor, ...]:
         sizes = [b.shape[-1] for b in self.cayley_blocks()[j]]
-        return tuple(Q.split(sizes, dim=-2))
+        return tuple(b.mT for b in Q.split(sizes, dim=-2))
 
     def compute_factors(self) -> Factors:
-        return self.factors_from([cayley(F) for F in self.cayley_inputs()])
+        return self.factors_from([cayley_transposed(b) for b in self.cayley_blocks()])
 
     # The factor slots hold plain tuples, never parameters or modules, and are written per layer and
     # forward: object.__setattr__ skips nn.Module.__setattr__'s registry checks (~10 µs a call).
