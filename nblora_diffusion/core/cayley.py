@@ -59,11 +59,11 @@ class _FusedCayley(torch.autograd.Function):
         LU, pivots, _ = torch.linalg.lu_factor_ex(M)  # never singular: σ_min(M) >= 1
         eye = torch.eye(r, dtype=M.dtype, device=M.device).expand_as(M)
         N = torch.linalg.lu_solve(LU, pivots, eye)  # (L, r, r)
+        # Hᵀ = -2 Nᵀ Yᵀ: (L, r, r) @ (L, r, q_k), on whole blocks so that every GEMM writes a
+        # contiguous tensor; the first r columns of block 0 (Gᵀ's place) are then overwritten
         Nt2 = N.mT * -2.0
-        outs = [torch.empty(T.shape, dtype=T.dtype, device=T.device) for T in blocks]
+        outs = [torch.bmm(Nt2, T) for T in blocks]
         _add_identity(torch.mul(N.mT, 2.0, out=outs[0][..., :r]), -1.0)  # Gᵀ = 2Nᵀ - I
-        for out, Yt in zip([outs[0][..., r:], *outs[1:]], Yts, strict=True):
-            torch.bmm(Nt2, Yt, out=out)  # Hᵀ = -2 Nᵀ Yᵀ: (L, r, r) @ (L, r, q_k)
         ctx.save_for_backward(M, N, *outs)
         ctx.r = r
         return tuple(outs)
@@ -79,11 +79,10 @@ class _FusedCayley(torch.autograd.Function):
         K = torch.baddbmm(grads[0][..., :r].mT, M.mT, HtgH, beta=2.0)  # 2∇G + Mᵀ(Hᵀ∇H)
         grad_M = -(N.mT @ K @ N.mT)
         Ct = ((grad_M + grad_M.mT) @ M.mT).mul_(-0.5)  # Cᵀ = -½ (∇M + ∇Mᵀ)ᵀ Mᵀ, symmetric part
+        # ∇Yᵀ = Cᵀ Hᵀ - 2 N ∇Hᵀ on whole blocks (contiguous GEMM outputs), then ∇Xᵀ in block 0
         N2 = N * -2.0
-        grad_blocks = [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outs]
+        grad_blocks = [torch.bmm(Ct, o).baddbmm_(N2, g) for o, g in zip(outs, grads, strict=True)]
         torch.sub(grad_M.mT, grad_M, out=grad_blocks[0][..., :r])  # ∇Xᵀ
-        for out, Ht, gHt in zip([grad_blocks[0][..., r:], *grad_blocks[1:]], Hts, gHts, strict=True):
-            torch.bmm(Ct, Ht, out=out).baddbmm_(N2, gHt)  # ∇Yᵀ = Cᵀ Hᵀ - 2 N ∇Hᵀ
         return tuple(grad_blocks)
 
 
