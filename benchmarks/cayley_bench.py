@@ -31,8 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.benchmark import Timer
 
 from nblora_diffusion import NBLoRAConfig, inject_nblora
-from nblora_diffusion.core import cayley, materialize, nblora_layers
-from nblora_diffusion.core.cayley import cayley_transposed
+from nblora_diffusion.core import cayley, cayley_transposed, materialize, nblora_layers
 
 # runwayml/stable-diffusion-v1-5 unet/config.json, the fields that fix the attention shapes
 SD15_UNET = dict(

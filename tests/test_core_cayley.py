@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nblora_diffusion.core.cayley import cayley, cayley_sign_flip, inverse_cayley
+from nblora_diffusion.core.cayley import cayley, cayley_sign_flip, cayley_transposed, inverse_cayley
 
 # (batch..., q, r): square, tall, r = 1, one and two leading batch dims
 SHAPES = [(3, 3), (7, 3), (5, 1), (2, 9, 4), (2, 3, 6, 2), (1, 12, 12)]
@@ -75,6 +75,20 @@ def test_cayley_is_semi_orthogonal_and_fused_agrees_for_any_input(q, r_frac, bat
     kappa = float(torch.linalg.cond(torch.eye(r, dtype=F.dtype) + X - X.mT + Y.mT @ Y).max())
     assert semi_orthonormality_error(Q) < tol(q, torch.float64) * kappa
     assert torch.allclose(Q, cayley(F, fused=False), rtol=0, atol=tol(q, torch.float64) * kappa)
+
+
+@pytest.mark.parametrize("sizes", [(3,), (4, 5), (3, 1, 6)])
+def test_block_form_is_the_cayley_of_the_concatenation_and_passes_gradcheck(sizes):
+    """cayley_transposed([T_0, T_1, ...]) == cayley(cat(T_k)ᵀ)ᵀ split back into the blocks."""
+    torch.manual_seed(3)
+    blocks = [torch.randn(2, 3, k, dtype=torch.float64, requires_grad=True) for k in sizes]
+    assert torch.autograd.gradcheck(lambda *b: cayley_transposed(b), blocks, eps=1e-6, atol=1e-8)
+    outs = cayley_transposed(blocks)
+    assert [tuple(o.shape) for o in outs] == [tuple(b.shape) for b in blocks]
+    expected = cayley(torch.cat(blocks, dim=-1).mT, fused=False).mT
+    assert torch.allclose(torch.cat(outs, dim=-1), expected, rtol=0, atol=1e-13)
+    plain = cayley_transposed(blocks, fused=False)
+    assert all(torch.allclose(o, p, rtol=0, atol=1e-13) for o, p in zip(outs, plain, strict=True))
 
 
 def test_zero_bottom_block_gives_zero_bottom_block():
