@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -27,25 +25,12 @@ from collections.abc import Callable
 import torch
 from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
-from torch.profiler import ProfilerActivity, profile
 from torch.utils.benchmark import Timer
 
 from nblora_diffusion import NBLoRAConfig, inject_nblora
 from nblora_diffusion.core import cayley, cayley_transposed, materialize, nblora_layers
 
-# runwayml/stable-diffusion-v1-5 unet/config.json, the fields that fix the attention shapes
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+from common import SD15_UNET, TARGETS, machine, peak_bytes, synchronize
 
 
 def sd15_adapters(rank: int, device: torch.device, parameterization: str = "II") -> list:
@@ -73,11 +58,6 @@ def shape_groups(layers: list) -> dict[tuple[int, int], int]:
     return Counter(tuple(F.shape) for layer in layers for F in layer.cayley_inputs())
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def median_time(fn: Callable[[], None], min_run_time: float) -> float:
     return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
 
@@ -103,25 +83,6 @@ def saved_bytes(fn: Callable[[], object]) -> int:
         out = fn()
     del out
     return sum(storages.values())
-
-
-def peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
-    """Peak allocated bytes above the level at the start of ``fn``."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    level = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        level += e.nbytes()
-        peak = max(peak, level)
-    return peak
 
 
 # -- 1. fused vs plain autograd ---------------------------------------------------------------------
@@ -235,20 +196,6 @@ def bench_materialize(layers: list, device: torch.device, args: argparse.Namespa
         "fill per-layer": fill(False),
     }
     return compare_times(timed, args.repeats, args.min_time)
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,36 +19,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
-from torch.profiler import ProfilerActivity, profile
 
 from nblora_diffusion import NBLoRAConfig, inject_nblora, unload_nblora
 
-# stable-diffusion-v1-5 unet/config.json, the fields that fix the architecture
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from common import SD15_UNET, TARGETS, machine, peak_bytes, synchronize
 
 
 def add_adapter(unet, kind: str, rank: int) -> torch.optim.Optimizer:
@@ -105,45 +85,17 @@ def time_steps(step, n: int, device: torch.device) -> float:
     return min(times)
 
 
-def peak_bytes(step, optimizer, device: torch.device) -> int:
+def step_peak_bytes(step, optimizer, device: torch.device) -> int:
     """Peak allocated bytes during one step, above the level at its start (gradients already freed, so
     that the CPU profiler sees every deallocation of the step)."""
     optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    level = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        level += e.nbytes()
-        peak = max(peak, level)
-    return peak
+    return peak_bytes(step, device)
 
 
 def resident_bytes(unet, optimizer) -> int:
     tensors = list(unet.parameters()) + list(unet.buffers())
     tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             step()  # warm-up: allocates AdamW state and the cuDNN/oneDNN plans
             best[kind] = min(best[kind], time_steps(step, args.steps, device))
             if r == 0:
-                peak = peak_bytes(step, optimizer, device)
+                peak = step_peak_bytes(step, optimizer, device)
                 memory[kind] = (peak, resident_bytes(unet, optimizer) + peak)
             print(f"  round {r + 1} {kind:6s}: {best[kind] * 1e3:9.1f} ms/step (best so far)", flush=True)
             del optimizer, step

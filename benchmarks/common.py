@@ -1,0 +1,64 @@
+"""What the benchmarks share: the SD1.5 UNet config, the machine line, device sync and peak memory."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+# stable-diffusion-v1-5 unet/config.json, the fields that fix the architecture
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the 128 attention projections
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
+    """Peak allocated bytes while ``fn`` runs, above the level at its start (CUDA: the allocator's
+    peak; CPU: the running sum of the profiler's allocation events)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    level = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        level += e.nbytes()
+        peak = max(peak, level)
+    return peak
+
+
+def machine(device: torch.device) -> str:
+    """One line naming the device, for the results tables."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    )

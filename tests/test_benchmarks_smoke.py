@@ -1,0 +1,33 @@
+"""The Cayley benchmark still runs end to end against the current core (tiny timing budget)."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def cayley_bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import their shared `common` module
+    for name in ("common", "cayley_bench"):
+        sys.modules.pop(name, None)
+    return importlib.import_module("cayley_bench")
+
+
+def test_cayley_bench_prints_every_ratio_for_the_sd15_shapes(cayley_bench, capsys):
+    assert cayley_bench.main(["--ranks", "2", "--repeats", "1", "--min-time", "0.01", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "128 adapters in 6 (q, r) groups" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("| 2 |")]
+    ratios = [
+        float(x)
+        for cell in row.strip("|").split("|")[1:]
+        for x in cell.replace("x", " ").replace("(", " ").replace(")", " ").split()
+    ]
+    assert len(ratios) == 9 and all(math.isfinite(v) and v > 0 for v in ratios)
