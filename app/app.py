@@ -99,6 +99,14 @@ def build_app(h: AppHandlers) -> gr.Blocks:
                 with gr.Row():
                     start = gr.Button("Start training", variant="primary", elem_id="start")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                with gr.Row():
+                    resumable = gr.Dropdown(
+                        [],
+                        label="Stopped trainings (resume from the last checkpoint)",
+                        elem_id="resumable",
+                        scale=4,
+                    )
+                    resume = gr.Button("Resume", scale=1, elem_id="resume")
                 train_status = gr.Markdown(elem_id="train-status")
                 val_gallery = gr.Gallery(
                     label="Validation previews", columns=4, height=260, format="png", elem_id="val-gallery"
@@ -188,15 +196,14 @@ def build_app(h: AppHandlers) -> gr.Blocks:
             n_class,
             val_denoise,
         ]
-        start.click(
-            h.start_training,
-            train_inputs,
-            [train_status, val_gallery, adapter],
-            api_name="train",
-            # the library queue runs one training at a time and shows waiting users their place
-            concurrency_limit=MAX_TRAIN_HANDLERS,
-            concurrency_id="train",
-            show_progress="full",
+        # the library queue runs one training at a time and shows waiting users their place
+        train_queue = dict(concurrency_limit=MAX_TRAIN_HANDLERS, concurrency_id="train", show_progress="full")
+        train_outputs = [train_status, val_gallery, adapter]
+        start.click(h.start_training, train_inputs, train_outputs, api_name="train", **train_queue).then(
+            h.resumable_choices, None, resumable, api_visibility="private"
+        )
+        resume.click(h.resume_training, resumable, train_outputs, api_name="resume", **train_queue).then(
+            h.resumable_choices, None, resumable, api_visibility="private"
         )
         # never queued behind a training: Stop must get through while one runs
         stop.click(
@@ -209,6 +216,7 @@ def build_app(h: AppHandlers) -> gr.Blocks:
         )
 
         demo.load(h.adapter_choices, None, adapter, api_visibility="private")
+        demo.load(h.resumable_choices, None, resumable, api_visibility="private")
         refresh.click(h.adapter_choices, None, adapter, api_name="list_adapters")
         adapter.change(h.adapter_selected, adapter, [adapter_info, delta_prime], api_name="select_adapter")
         delta_prime.change(

@@ -236,6 +236,9 @@ def test_stop_keeps_a_loadable_checkpoint_while_a_second_user_waits(browser, app
 
         a.locator("#stop").click()
         stopped = status_matches(a, "train-status", r"Stopped at step \d+; the last checkpoint is \S+")
+        # the stopped run is offered for Resume (the list refreshes when a training ends)
+        a.wait_for_function("() => (document.querySelector('#resumable input')?.value ?? '') !== ''")
+        offered = a.locator("#resumable input").input_value()
         shot(a, "13-stopped-with-checkpoint")
     finally:
         ctx_b.close()
@@ -243,6 +246,7 @@ def test_stop_keeps_a_loadable_checkpoint_while_a_second_user_waits(browser, app
     step = int(re.search(r"step (\d+)", stopped).group(1))
     checkpoint = Path(re.search(r"checkpoint is (\S+)", stopped).group(1))
     assert 1 <= step < 500 and checkpoint.name == f"checkpoint-{step}"
+    assert offered == checkpoint.parent.name
     config = load_adapter(load_pipeline(str(tiny_sd_path())), checkpoint)
     assert (config["p"], config["delta"]) == (2, 1.0)  # p = 2 and its default δ
 

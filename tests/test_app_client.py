@@ -77,3 +77,5 @@ def test_api_errors_are_one_line_messages(client):
         c.predict(None, PROMPT, "", 0, False, 1, 2, 1.0, 1.0, False, api_name="/generate")
     with pytest.raises(Exception, match="at least 3"):
         c.predict([handle_file(str(p)) for p in DOG[:2]], 64, api_name="/check_upload")
+    with pytest.raises(Exception, match="choose a stopped training"):
+        c.predict(None, api_name="/resume")

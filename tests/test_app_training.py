@@ -3,6 +3,7 @@ progress streaming, and the downloads of a trained adapter."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import zipfile
@@ -21,6 +22,7 @@ from nblora_diffusion.app_logic.training_job import SlotBusy, TrainEvent, descri
 from nblora_diffusion.core import nblora_state_dict
 from nblora_diffusion.diffusion import load_adapter, load_pipeline
 from nblora_diffusion.testing import tiny_sd_path
+from nblora_diffusion.training import TrainConfig
 
 DOG_DIR = Path(__file__).resolve().parents[1] / "assets" / "dreambooth" / "dog"
 DOG = sorted(str(p) for p in DOG_DIR.glob("*.jpg"))
@@ -242,3 +244,44 @@ def test_start_streams_progress_and_validation_then_offers_the_adapter(tmp_path,
     stock.load_lora_weights(str(diffusers_file.parent))
     via_lora = np.asarray(generation.run_pipeline(stock, "a photo of sks dog", None, [3], 2, 1.0)[0])
     assert np.abs(via_lora - ours).max() <= 2  # same update through stock diffusers, up to rounding
+
+
+def test_stopped_training_resumes_to_the_adapter_of_an_uninterrupted_run(tmp_path, handlers):
+    h = handlers
+    user = SimpleNamespace(session_hash="a")
+    stream = h.start_training(
+        *_ui(steps=20, validation_steps=100, checkpointing_steps=100).values(), request=user
+    )
+    stopped = False
+    for status, _, _ in stream:
+        if status.startswith("step ") and not stopped:
+            stopped = h.stop_training(user).startswith("Stopping")  # a checkpoint is written where it stops
+    assert status.startswith("Stopped at step") and status.endswith("Resume it below.")
+    update = h.resumable_choices()
+    ((name, folder),) = update["choices"]
+    assert update["value"] == folder and Path(folder).parent == h.adapters_dir
+
+    outputs = [s for s, _, _ in h.resume_training(folder, request=user)]
+    assert outputs[0] == f"Training resumed from the latest checkpoint (20 steps) → `{folder}`"
+    assert outputs[-1].startswith("Finished 20 steps")
+    assert h.resumable_choices()["choices"] == []
+    with pytest.raises(gr.Error, match="already finished"):
+        list(h.resume_training(folder))
+
+    # exactly where it stopped: the same adapter as one uninterrupted run of the same config
+    config = TrainConfig.from_dict(json.loads((Path(folder) / "train_config.json").read_text()))
+    config = config.replace(output_dir=str(tmp_path / "straight"), resume_from_checkpoint=None)
+    h.slot.start(config).wait(timeout=300)
+    resumed, straight = (load_pipeline(str(tiny_sd_path())) for _ in range(2))
+    load_adapter(resumed, folder)
+    load_adapter(straight, tmp_path / "straight")
+    a, b = nblora_state_dict(resumed.unet), nblora_state_dict(straight.unet)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "folder, match", [(None, "choose a stopped training"), ("missing", "is not a training run")]
+)
+def test_resume_of_nothing_resumable_is_a_page_error(tmp_path, handlers, folder, match):
+    with pytest.raises(gr.Error, match=match):
+        list(handlers.resume_training(str(tmp_path / folder) if folder else None))

@@ -18,7 +18,14 @@ from typing import Any
 import gradio as gr
 
 from . import evaluation, generation, uploads
-from .train_settings import make_train_config, mixed_precision, native_resolution, prompts_for
+from .train_settings import (
+    make_train_config,
+    mixed_precision,
+    native_resolution,
+    prompts_for,
+    resumable_config,
+    resumable_runs,
+)
 from .training_job import SlotBusy, TrainingSlot, describe_step, format_duration
 
 log = logging.getLogger(__name__)
@@ -41,25 +48,6 @@ def _failure(what: str, e: Exception) -> gr.Error:
 
 def _owner(request: gr.Request | None) -> str | None:
     return getattr(request, "session_hash", None) if request is not None else None
-
-
-def _file_paths(files: Any) -> list[str]:
-    """Paths from a gr.File value (str, list of str, or file objects with .name/.path)."""
-    if not files:
-        return []
-    files = files if isinstance(files, (list, tuple)) else [files]
-    out = []
-    for f in files:
-        path = (
-            f if isinstance(f, (str, os.PathLike)) else getattr(f, "path", None) or getattr(f, "name", None)
-        )
-        if path:
-            out.append(str(path))
-    return out
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text.strip())[:40].strip("-") or "run"
 
 
 class AppHandlers:
@@ -86,7 +74,7 @@ class AppHandlers:
 
     def check_upload(self, files: Any, resolution: Any = None) -> tuple[list, str]:
         """Previews and a status line for the uploaded photos; gr.Error for unusable uploads."""
-        paths = _file_paths(files)
+        paths = uploads.file_paths(files)
         if not paths:
             return [], ""
         try:
@@ -140,11 +128,11 @@ class AppHandlers:
         if not self.base_model:
             raise _user_error("no base model: start the app with --base_model")
         try:
-            check = uploads.check_uploads(_file_paths(files), int(resolution) if resolution else None)
+            check = uploads.check_uploads(uploads.file_paths(files), int(resolution) if resolution else None)
             prompts_for(token, class_noun)
         except (ValueError, TypeError) as e:
             raise _user_error(str(e)) from None
-        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(token)}-{_slug(class_noun)}"
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uploads.slug(token)}-{uploads.slug(class_noun)}"
         out_dir = self.adapters_dir / name
         instance_dir = self.root / "uploads" / name
         try:
@@ -163,7 +151,7 @@ class AppHandlers:
                 seed=seed,
                 resolution=resolution,
                 with_prior_preservation=prior_preservation,
-                class_data_dir=self.root / "class_images" / _slug(class_noun),
+                class_data_dir=self.root / "class_images" / uploads.slug(class_noun),
                 num_class_images=num_class_images,
                 validation_prompt=(validation_prompt or "").strip() or None,
                 validation_steps=validation_steps or None,
@@ -176,7 +164,33 @@ class AppHandlers:
             shutil.rmtree(instance_dir, ignore_errors=True)
             raise _user_error(str(e)) from None
 
-        owner = _owner(request)
+        yield from self._train(config, _owner(request), progress, uploaded=instance_dir)
+
+    def resume_training(
+        self, folder: str | None, request: gr.Request | None = None, progress: gr.Progress = _PROGRESS
+    ) -> Iterator[tuple[str, list, Any]]:
+        """Continue a stopped training from its latest checkpoint; yields what ``start_training`` does."""
+        if not folder:
+            raise _user_error("choose a stopped training to resume")
+        try:
+            config = resumable_config(folder)
+        except ValueError as e:
+            raise _user_error(str(e)) from None
+        yield from self._train(config, _owner(request), progress)
+
+    def resumable_choices(self) -> Any:
+        """Dropdown update listing this app's stopped trainings (newest first)."""
+        runs = resumable_runs(self.adapters_dir)
+        return gr.update(choices=[(d.name, str(d)) for d in runs], value=str(runs[0]) if runs else None)
+
+    def _train(
+        self, config: Any, owner: str | None, progress: Any, uploaded: Path | None = None
+    ) -> Iterator[tuple[str, list, Any]]:
+        """Wait for the training slot, run ``config`` there and stream (status, validation gallery, adapters).
+
+        ``uploaded``: the photos copied for a new run, removed if it ends before writing anything.
+        """
+        out_dir = Path(config.output_dir)
         gallery: list[tuple[Any, str]] = []
         adapters = gr.update()
         run = None
@@ -184,7 +198,8 @@ class AppHandlers:
         try:
             while run is None:
                 if ticket.cancelled:
-                    shutil.rmtree(instance_dir, ignore_errors=True)
+                    if uploaded is not None:
+                        shutil.rmtree(uploaded, ignore_errors=True)
                     yield "Cancelled before it started.", gallery, adapters
                     return
                 try:
@@ -202,7 +217,8 @@ class AppHandlers:
         finally:
             self.slot.leave(ticket)  # closed page or error while waiting: give the place up
         progress(0, desc="starting")
-        yield f"Training started ({config.max_train_steps} steps) → `{out_dir}`", gallery, adapters
+        verb = "resumed from the latest checkpoint" if config.resume_from_checkpoint else "started"
+        yield f"Training {verb} ({config.max_train_steps} steps) → `{out_dir}`", gallery, adapters
         status = "starting…"
         for event in run.events():
             if event is None:
@@ -215,8 +231,8 @@ class AppHandlers:
             elif event.kind == "checkpoint":
                 status = f"{status} · checkpoint saved at step {event.step}"
             elif event.kind == "error":
-                if not out_dir.exists():  # failed before writing anything: drop the copied photos too
-                    shutil.rmtree(instance_dir, ignore_errors=True)
+                if uploaded is not None and not out_dir.exists():  # failed before writing anything
+                    shutil.rmtree(uploaded, ignore_errors=True)
                 raise _user_error(event.error or "training failed")
             elif event.kind == "done":
                 break
@@ -228,7 +244,7 @@ class AppHandlers:
         if getattr(result, "stopped", False):
             done = (
                 f"Stopped at step {step}; the last checkpoint is `{run.last_checkpoint}` "
-                f"and the adapter `{out_dir}`."
+                f"and the adapter `{out_dir}`. Resume it below."
             )
         else:
             done = f"Finished {step} steps in {took}; adapter saved to `{out_dir}`."

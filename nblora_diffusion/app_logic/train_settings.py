@@ -134,3 +134,41 @@ def mixed_precision() -> str:
     if not torch.cuda.is_available():
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def resumable_config(folder: str | Path) -> Any:
+    """The training of a stopped run folder, set to continue from its latest checkpoint.
+
+    ValueError (one line) if the folder is not a training run, has no checkpoint, or already finished.
+    """
+    from ..diffusion import CONFIG_NAME
+    from ..training import TrainConfig
+    from ..training.checkpoint import checkpoints
+    from ..training.outputs import CONFIG_FILE
+
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        raise ValueError(f"{folder.name or folder} is not a training run ({CONFIG_FILE} is missing)")
+    config = TrainConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+    saved = checkpoints(folder)
+    if not saved:
+        raise ValueError(f"{folder.name} has no checkpoint to resume from")
+    adapter_config = folder / CONFIG_NAME  # the adapter written when the run ended, stopped or not
+    step = json.loads(adapter_config.read_text()).get("global_step") if adapter_config.is_file() else None
+    step = max(saved[-1][0], step or 0)
+    if step >= config.max_train_steps:
+        raise ValueError(f"{folder.name} already finished ({step} of {config.max_train_steps} steps)")
+    return config.replace(resume_from_checkpoint="latest")
+
+
+def resumable_runs(root: str | Path) -> list[Path]:
+    """Run folders under ``root`` that stopped before their last step and can resume, newest first."""
+    root = Path(root)
+    runs = []
+    for folder in root.iterdir() if root.is_dir() else []:
+        try:
+            resumable_config(folder)
+        except (ValueError, OSError):  # not a run, nothing saved, finished, unreadable
+            continue
+        runs.append(folder)
+    return sorted(runs, key=lambda d: d.stat().st_mtime, reverse=True)

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -158,3 +159,23 @@ def delta_hint(p: str | float, rank: int) -> str:
         f"δ bounds the {what} of each layer's update; for p = {'∞' if math.isinf(pv) else f'{pv:g}'} "
         f"and rank {rank}, {lo:.2g}–{hi:.2g} is a sensible range (smaller = closer to the base model)."
     )
+
+
+def file_paths(files: Any) -> list[str]:
+    """Paths from a gr.File value (str, list of str, or file objects with .name/.path)."""
+    if not files:
+        return []
+    files = files if isinstance(files, (list, tuple)) else [files]
+    out = []
+    for f in files:
+        path = (
+            f if isinstance(f, (str, os.PathLike)) else getattr(f, "path", None) or getattr(f, "name", None)
+        )
+        if path:
+            out.append(str(path))
+    return out
+
+
+def slug(text: str) -> str:
+    """A file-name-safe short form of ``text`` (letters, digits, - and _)."""
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text.strip())[:40].strip("-") or "run"
