@@ -12,6 +12,7 @@ A thin command line over ``nblora_diffusion.training``: parse -> TrainConfig -> 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; continue with --resume_from_checkpoint latest", file=sys.stderr)
         return 130
-    report(config, result, builtin_model)
+    if os.environ.get("RANK", "0") == "0":  # one report from a multi-process launch
+        report(config, result, builtin_model)
     return 0
 
 

@@ -215,6 +215,20 @@ def test_batched_materialisation_equals_per_layer_path_with_gradients(config):
         assert torch.allclose(grads_b[name], grads_p[name], rtol=0, atol=1e-12), name
 
 
+@pytest.mark.parametrize("par", ["I", "II"])
+@pytest.mark.parametrize("p", [math.inf, 2.0])
+def test_every_trainable_parameter_gets_a_gradient_as_data_parallel_training_requires(par, p):
+    """DDP fails on a trainable parameter without a gradient; for p = inf s̃ gets an exact zero."""
+    model = injected(NBLoRAConfig(rank=2, p=p, delta=0.5, target_modules=ATTN, parameterization=par))
+    model(*inputs()).square().mean().backward()
+    missing = [n for n, t in model.named_parameters() if t.requires_grad and t.grad is None]
+    assert missing == []
+    if math.isinf(p):
+        assert all(
+            torch.equal(t.grad, torch.zeros_like(t)) for n, t in model.named_parameters() if "nblora_s" in n
+        )
+
+
 def test_batched_pass_runs_one_cayley_per_shape_group(cayley_calls):
     model = injected(CONFIGS[0])
     model(*inputs())

@@ -44,7 +44,9 @@ def bound_vector(s_tilde: torch.Tensor, p: float, delta: float | torch.Tensor) -
     """
     r = s_tilde.shape[-1]
     if math.isinf(p):
-        return torch.ones_like(s_tilde) * delta
+        # s̃ does not move s here, but it stays in the graph (its gradient is exactly 0): data-parallel
+        # training (DDP) fails on a trainable parameter that gets no gradient
+        return s_tilde * 0.0 + delta
     # softmax^(1/p) = exp(log_softmax / p): no 0^(1/p) gradient blow-up for tiny weights
     work = s_tilde.float() if s_tilde.dtype in (torch.float16, torch.bfloat16) else s_tilde
     log_w = torch.log_softmax(work / math.sqrt(r), dim=-1)

@@ -244,6 +244,8 @@ def build(run: Run, photos, classes, resume: Path | None) -> Parts:
         *setup.models.values(), optimizer, loader, lr_scheduler
     )
     prepared = dict(zip(setup.models, models, strict=True))
+    if acc.num_processes > 1 and acc.is_main_process:
+        log.info("data-parallel training on %d processes (%s)", acc.num_processes, acc.distributed_type.value)
     if cfg.train_text_encoder:  # gradients must flow through the prepared (possibly DDP-wrapped) encoders
         encoders = TEXT_COMPONENTS[: len(prompts.encoders)]
         prompts.encoders = [prepared.get(n, e) for n, e in zip(encoders, prompts.encoders, strict=True)]
