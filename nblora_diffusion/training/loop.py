@@ -260,7 +260,8 @@ def build(run: Run, photos, classes, resume: Path | None) -> Parts:
         setup.load_state(tensors)  # checks that the checkpoint fits this adapter first
         acc.load_state(str(resume))
         run.global_step, run.last_checkpoint = int(state["global_step"]), resume
-        log.info("resumed from %s at step %d", resume, run.global_step)
+        if acc.is_main_process:
+            log.info("resumed from %s at step %d", resume, run.global_step)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return Parts(models, prepared["unet"], optimizer, loader, sampler, lr_scheduler, noise_scheduler, prompts)
 
