@@ -42,3 +42,30 @@ def cayley_calls(monkeypatch) -> list[tuple[int, int, int]]:
     monkeypatch.setattr(inject, "cayley_transposed", counted)
     monkeypatch.setattr(layer, "cayley_transposed", counted)
     return calls
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one torch thread (much faster on a shared CPU)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A tiny random LLaMA saved in the transformers format."""
+    from nblora_diffusion.adapters.tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("llama") / "model")
+
+
+@pytest.fixture(scope="module")
+def vit_dir(tmp_path_factory):
+    """A tiny random ViT saved in the transformers format."""
+    from nblora_diffusion.adapters.tiny import make_tiny_vit
+
+    return make_tiny_vit(tmp_path_factory.mktemp("vit") / "model")

@@ -26,15 +26,9 @@ from nblora_diffusion.adapters import (
 from nblora_diffusion.core import NBLoRAConfig, inject_nblora, nblora_layers, unload_nblora
 from nblora_diffusion.core.bounds import schatten_norm
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
+
 P_VALUES = [1.0, 1.5, 2.0, 3.0, 6.0, math.inf]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_layer(m, n, r, p, delta, par, seed, scale=3.0) -> NBLoRALinear:

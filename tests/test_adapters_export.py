@@ -15,30 +15,12 @@ from nblora_diffusion.adapters import (
     export_peft,
     load_adapter,
     make_config,
-    make_tiny_llama,
-    make_tiny_vit,
     merge_and_unload,
     save_adapter,
 )
 from nblora_diffusion.core import nblora_layers, set_nblora_scale
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("llama") / "model")
-
-
-@pytest.fixture(scope="module")
-def vit_dir(tmp_path_factory):
-    return make_tiny_vit(tmp_path_factory.mktemp("vit") / "model")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 IDS = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -8,30 +8,13 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, ViTForImageClassification
 
-from nblora_diffusion.adapters import PRESETS, add_nblora, make_config, make_tiny_llama, make_tiny_vit
+from nblora_diffusion.adapters import PRESETS, add_nblora, make_config
 from nblora_diffusion.core import nblora_layers
 from nblora_diffusion.core.bounds import schatten_norm
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
+
 LAYERS = 2  # tiny configs: 2 decoder / encoder blocks
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and much faster on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("llama") / "model")
-
-
-@pytest.fixture(scope="module")
-def vit_dir(tmp_path_factory):
-    return make_tiny_vit(tmp_path_factory.mktemp("vit") / "model")
 
 
 def llama(path, **kw):

@@ -13,16 +13,17 @@ import re
 import zipfile
 from pathlib import Path
 
-import app_harness
 import numpy as np
 import pytest
-from app_harness import ARTIFACTS, CHROMIUM_ARGS, require_chromium, served_app
 from PIL import Image
 
 from nblora_diffusion.app_logic import generation
 from nblora_diffusion.diffusion import load_adapter, load_pipeline
 from nblora_diffusion.testing import tiny_sd_path
 from nblora_diffusion.testing.metric_models import metric_models_path
+
+import app_harness
+from app_harness import ARTIFACTS, CHROMIUM_ARGS, require_chromium, served_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

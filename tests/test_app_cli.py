@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from app_harness import REPO, app_module
 
 from nblora_diffusion.testing import tiny_sd_path
+
+from app_harness import REPO, app_module
 
 
 def test_binds_localhost_and_shares_only_with_the_flag():

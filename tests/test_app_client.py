@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from app_harness import served_app
 from gradio_client import Client, handle_file
 from PIL import Image
 
 from nblora_diffusion.app_logic import generation
 from nblora_diffusion.diffusion import load_adapter, load_pipeline
 from nblora_diffusion.testing import tiny_sd_path
+
+from app_harness import served_app
 
 DOG = sorted((Path(__file__).resolve().parents[1] / "assets" / "dreambooth" / "dog").glob("*.jpg"))
 PROMPT = "a photo of sks dog"

@@ -21,23 +21,7 @@ from nblora_diffusion.diffusion import (
 )
 from nblora_diffusion.testing import tiny_sd_path
 
-PROMPT = "a photo of sks dog"
-
-
-def images(pipe, steps: int = 2):
-    pipe.set_progress_bar_config(disable=True)
-    gen = torch.Generator().manual_seed(0)
-    return pipe(PROMPT, num_inference_steps=steps, generator=gen, output_type="pt").images.float()
-
-
-def perturb(pipe, seed: int = 0) -> None:
-    """Random adapter parameters (a 'trained' adapter) with the update still inside its bound."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for model in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-            for name, p in model.named_parameters() if model is not None else ():
-                if name.endswith(("nblora_B", "nblora_d", "nblora_s")):
-                    p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+from sd_helpers import PROMPT, images, perturb
 
 
 def adapted(sdxl: bool = False, dtype=torch.float32, unet_delta: float = 0.5):

@@ -17,23 +17,9 @@ from nblora_diffusion.diffusion import (
 )
 from nblora_diffusion.testing import tiny_sd_path
 
-PROMPT = "a photo of sks dog"
+from sd_helpers import images, perturb
+
 TOL = 1e-4  # fp32 max abs pixel difference between our loader and stock diffusers
-
-
-def images(pipe, steps: int = 2):
-    pipe.set_progress_bar_config(disable=True)
-    gen = torch.Generator().manual_seed(0)
-    return pipe(PROMPT, num_inference_steps=steps, generator=gen, output_type="pt").images
-
-
-def perturb(pipe, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for model in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-            for name, p in model.named_parameters() if model is not None else ():
-                if name.endswith(("nblora_B", "nblora_s")):
-                    p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
 def adapted(sdxl: bool = False, rank: int = 4, delta: float = 0.5):

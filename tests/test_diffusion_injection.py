@@ -20,7 +20,7 @@ from nblora_diffusion.diffusion import (
 )
 from nblora_diffusion.testing import tiny_sd_path
 
-PROMPT = "a photo of sks dog"
+from sd_helpers import images, perturb
 
 # Public architecture configs (values written here; weights never downloaded)
 SD15_UNET = dict(
@@ -124,21 +124,6 @@ def test_failed_text_encoder_injection_rolls_back_the_unet():
         add_nblora(pipe, make_config(4, "inf", delta=1.0), too_big)
     assert not list(nblora_layers(pipe.unet)) and not list(nblora_layers(pipe.text_encoder))
     assert [p.requires_grad for p in pipe.unet.parameters()] == flags
-
-
-def images(pipe, steps: int = 2):
-    pipe.set_progress_bar_config(disable=True)
-    gen = torch.Generator().manual_seed(0)
-    return pipe(PROMPT, num_inference_steps=steps, generator=gen, output_type="pt").images
-
-
-def perturb(pipe, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for model in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-            for name, p in model.named_parameters() if model is not None else ():
-                if name.endswith(("nblora_B", "nblora_d", "nblora_s")):
-                    p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
 @pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
