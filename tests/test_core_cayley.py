@@ -91,6 +91,20 @@ def test_block_form_is_the_cayley_of_the_concatenation_and_passes_gradcheck(size
     assert all(torch.allclose(o, p, rtol=0, atol=1e-13) for o, p in zip(outs, plain, strict=True))
 
 
+@pytest.mark.parametrize(
+    "blocks, message",
+    [
+        ([], "no blocks"),
+        ([torch.randn(3, 2)], r"q_0 >= r >= 1, got \(3, 2\)"),
+        ([torch.randn(2, 4), torch.randn(3, 5)], "must share"),
+        ([torch.randn(2, 4), torch.randn(2, 5, dtype=torch.float64)], "must share"),
+    ],
+)
+def test_block_form_rejects_mismatched_blocks_naming_them(blocks, message):
+    with pytest.raises(ValueError, match=message):
+        cayley_transposed(blocks)
+
+
 def test_zero_bottom_block_gives_zero_bottom_block():
     """The init rule of NB-LoRA: B̃ = 0 makes B = 0, hence W = 0."""
     F = torch.cat([torch.randn(9, 4), torch.zeros(5, 4)])

@@ -123,6 +123,12 @@ def cayley_transposed(blocks: Sequence[torch.Tensor], *, fused: bool = True) -> 
     adapters needs one stack per block and no concatenation or transposition. Same precision
     handling as ``cayley``.
     """
+    if not blocks or blocks[0].dim() < 2 or not 1 <= blocks[0].shape[-2] <= blocks[0].shape[-1]:
+        got = tuple(blocks[0].shape) if blocks else "no blocks"
+        raise ValueError(f"cayley_transposed expects a first block (..., r, q_0), q_0 >= r >= 1, got {got}")
+    if any(b.shape[:-1] != blocks[0].shape[:-1] or b.dtype != blocks[0].dtype for b in blocks):
+        got = [(tuple(b.shape), str(b.dtype)) for b in blocks]
+        raise ValueError(f"cayley_transposed blocks must share (..., r) and dtype, got {got}")
     dtype, device = blocks[0].dtype, blocks[0].device
     work = [b.float() for b in blocks] if dtype in _LOW_PRECISION else list(blocks)
     lead, r = work[0].shape[:-2], work[0].shape[-2]
