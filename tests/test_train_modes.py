@@ -82,10 +82,10 @@ def test_bernoulli_mode_changes_only_one_factor_per_step(tmp_path, monkeypatch):
     snapshots = []  # (Ã, B̃) of every layer just before each optimizer step
     real = train_loop.bernoulli_select
 
-    def record(setup, q):
+    def record(setup, q, *args):
         state = setup.state()
         snapshots.append({k: v.clone() for k, v in state.items() if k.endswith(("nblora_A", "nblora_B"))})
-        real(setup, q)
+        real(setup, q, *args)
 
     monkeypatch.setattr(train_loop, "bernoulli_select", record)
     steps = 5
@@ -102,6 +102,29 @@ def test_bernoulli_mode_changes_only_one_factor_per_step(tmp_path, monkeypatch):
         assert a != b, "exactly one factor must change per step"
         picks.append("A" if a else "B")
     assert set(picks) == {"A", "B"}, f"q = 0.5 over {steps - 1} steps should pick both factors: {picks}"
+
+
+def test_bernoulli_draw_depends_on_seed_and_step_only():
+    """What keeps data-parallel replicas identical: every process draws the same group, whatever its RNG."""
+
+    def draw(seed, step, global_seed):
+        torch.manual_seed(global_seed)
+        grads = []
+
+        class Setup:
+            def factor_groups(self):
+                params = [torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)]
+                for p in params:
+                    p.grad = torch.ones(1)
+                grads.append(params)
+                return [params[0]], [params[1]]
+
+        train_loop.bernoulli_select(Setup(), 0.5, seed, step)
+        return tuple(p.grad is not None for p in grads[0])
+
+    picks = [draw(7, step, 0) for step in range(16)]
+    assert picks == [draw(7, step, 1234) for step in range(16)]  # another global RNG state, same picks
+    assert set(picks) == {(True, False), (False, True)}
 
 
 def test_prior_preservation_and_text_encoders_train_on_sdxl(tmp_path):

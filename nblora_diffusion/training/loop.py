@@ -153,7 +153,7 @@ def train(
     When ``should_stop()`` turns true the run saves a checkpoint and the adapter and returns with
     ``stopped=True``.
     """
-    from accelerate.utils import set_seed
+    from accelerate.utils import broadcast_object_list, set_seed
 
     callbacks = callbacks or TrainCallbacks()
     out, resume, photos = check_inputs(config)
@@ -168,6 +168,8 @@ def train(
     data_seed = run_state.get(
         "data_seed", config.seed if config.seed is not None else random.randrange(2**31)
     )
+    if accelerator.num_processes > 1:  # one seed for all processes: the data shards and Bernoulli draws agree
+        data_seed = broadcast_object_list([data_seed])[0]
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     run = None
@@ -312,7 +314,7 @@ def fit(
                     if acc.sync_gradients:
                         lr = parts.optimizer.param_groups[0]["lr"]  # the rate this step uses
                         if cfg.bernoulli_p is not None:
-                            bernoulli_select(setup, cfg.bernoulli_p)
+                            bernoulli_select(setup, cfg.bernoulli_p, run.data_seed, run.global_step)
                         if cfg.max_grad_norm > 0:
                             acc.clip_grad_norm_(setup.trainable_parameters(), cfg.max_grad_norm)
                     parts.optimizer.step()
@@ -370,13 +372,16 @@ def check_finite(acc, loss: torch.Tensor, run: Run) -> None:
         )
 
 
-def bernoulli_select(setup: AdapterSetup, q: float) -> None:
+def bernoulli_select(setup: AdapterSetup, q: float, seed: int, step: int) -> None:
     """Bernoulli-LoRA: this step updates only the input factors (prob. q) or only the output factors.
 
     The other group's gradients are dropped (None), so AdamW skips those tensors entirely: no
     momentum or weight-decay update either. Bound parameters (s̃, d̃, DoRA magnitudes) train every step.
+    The draw depends on (seed, step) alone: every process of a data-parallel run picks the same group
+    (after the gradient all-reduce their updates must stay identical), and a resumed run repeats it.
     """
-    update_input = bool(torch.rand(()) < q)  # global RNG: saved and restored with checkpoints
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    update_input = bool(torch.rand((), generator=gen) < q)
     inputs, outputs = setup.factor_groups()
     for p in outputs if update_input else inputs:
         p.grad = None
