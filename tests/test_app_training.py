@@ -280,8 +280,17 @@ def test_stopped_training_resumes_to_the_adapter_of_an_uninterrupted_run(tmp_pat
 
 
 @pytest.mark.parametrize(
-    "folder, match", [(None, "choose a stopped training"), ("missing", "is not a training run")]
+    "folder, match",
+    [
+        (None, "choose a stopped training"),
+        ("missing", "is not a training run"),
+        ("corrupt", r"corrupt: train_config.json cannot be read \(Expecting"),
+    ],
 )
 def test_resume_of_nothing_resumable_is_a_page_error(tmp_path, handlers, folder, match):
-    with pytest.raises(gr.Error, match=match):
+    if folder == "corrupt":
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "train_config.json").write_text("{not json")
+    with pytest.raises(gr.Error, match=match) as e:
         list(handlers.resume_training(str(tmp_path / folder) if folder else None))
+    assert "\n" not in str(e.value)

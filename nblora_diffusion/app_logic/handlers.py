@@ -174,7 +174,7 @@ class AppHandlers:
             raise _user_error("choose a stopped training to resume")
         try:
             config = resumable_config(folder)
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             raise _user_error(str(e)) from None
         yield from self._train(config, _owner(request), progress)
 

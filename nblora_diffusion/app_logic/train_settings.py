@@ -149,7 +149,10 @@ def resumable_config(folder: str | Path) -> Any:
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
         raise ValueError(f"{folder.name or folder} is not a training run ({CONFIG_FILE} is missing)")
-    config = TrainConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+    try:
+        config = TrainConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{folder.name}: {CONFIG_FILE} cannot be read ({str(e).splitlines()[0]})") from None
     saved = checkpoints(folder)
     if not saved:
         raise ValueError(f"{folder.name} has no checkpoint to resume from")
