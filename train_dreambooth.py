@@ -45,14 +45,19 @@ def parse(argv: list[str] | None):
 
 
 def report(config, result, builtin_model: bool) -> None:
-    """Where everything went."""
+    """Where everything went, and which tool reads each LoRA file."""
+    from nblora_diffusion.diffusion.export import DIFFUSERS_TOOLS, KOHYA_TOOLS
+
     out = result.output_dir
     state = "stopped" if result.stopped else "finished"
     print(f"training {state} at step {result.final_step}; outputs in {out.resolve()}")
     for name, what in (
         ("nblora_config.json", "NB-LoRA adapter (diffusion.load_adapter)"),
-        ("pytorch_lora_weights.safetensors", "plain LoRA for diffusers' pipe.load_lora_weights"),
-        ("kohya_lora.safetensors", "kohya / A1111 / ComfyUI LoRA"),
+        (
+            "pytorch_lora_weights.safetensors",
+            f"diffusers LoRA, for {DIFFUSERS_TOOLS} (pipe.load_lora_weights)",
+        ),
+        ("kohya_lora.safetensors", f"kohya LoRA, for {KOHYA_TOOLS}"),
         ("train_log.csv", "per-step loss and lr"),
         ("norms.csv", "per-layer norm ratio and largest singular value"),
         ("norm_curves.png", "norm curves"),

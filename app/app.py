@@ -14,6 +14,7 @@ from pathlib import Path
 import gradio as gr
 
 from nblora_diffusion.app_logic import AppHandlers, uploads
+from nblora_diffusion.app_logic.generation import download_guide
 from nblora_diffusion.app_logic.handlers import DEFAULT_BASE_MODEL
 from nblora_diffusion.metrics import MetricConfig
 
@@ -164,6 +165,7 @@ def build_app(h: AppHandlers) -> gr.Blocks:
                     download_files = gr.File(
                         label="Files", file_count="multiple", interactive=False, elem_id="downloads"
                     )
+                    gr.Markdown(download_guide(), elem_id="downloads-guide")
 
             with gr.Tab("Evaluate", id="evaluate"):
                 gr.Markdown(EVAL_HELP)

@@ -298,6 +298,19 @@ def _zip_files(files: list[Path], dest: Path) -> Path:
     return dest
 
 
+def download_guide() -> str:
+    """Markdown naming the tool each file of ``prepare_downloads`` is for, in the files' order."""
+    from ..diffusion.export import DIFFUSERS_TOOLS, KOHYA_TOOLS
+
+    return (
+        "- `NAME-nblora.zip`: the native NB-LoRA adapter, for this package (`load_adapter`, the δ' slider)\n"
+        f"- `{DIFFUSERS_FILE}`: diffusers LoRA, for **{DIFFUSERS_TOOLS}** "
+        "(`pipe.load_lora_weights(folder)`); not for ComfyUI (it drops the attention keys)\n"
+        f"- `NAME-kohya.safetensors`: kohya LoRA, for **{KOHYA_TOOLS}** "
+        "(A1111 / Forge: `models/Lora`, ComfyUI: `models/loras`)"
+    )
+
+
 def prepare_downloads(
     cache: PipelineCache,
     folder: str | os.PathLike,
@@ -308,8 +321,9 @@ def prepare_downloads(
 
     [NAME-nblora.zip (nblora_config.json + native safetensors, for ``load_adapter``),
     pytorch_lora_weights.safetensors (diffusers LoRA, for stock ``pipe.load_lora_weights``),
-    NAME-kohya.safetensors (kohya LoRA)]. The LoRA files a training run wrote are reused; otherwise
-    (checkpoints, other folders) they are exported from the loaded adapter.
+    NAME-kohya.safetensors (kohya LoRA, for A1111 / ComfyUI / Forge)]; ``download_guide`` says so in
+    the app. The LoRA files a training run wrote are reused; otherwise (checkpoints, other folders)
+    they are exported from the loaded adapter.
     """
     from ..diffusion import export_diffusers_lora, export_kohya_lora, set_norm_bound
 

@@ -9,6 +9,7 @@ weight w on a scale-1 export equals the slider at δ' = w·δ.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -22,6 +23,7 @@ from ..core import (
     NBLoRALinear,
     atomic_save_safetensors,
     export_lora_state_dict,
+    injected_configs,
     load_nblora_state_dict,
     nblora_layers,
     nblora_state_dict,
@@ -30,7 +32,16 @@ from ..core import (
 from .adapter import adapted_components
 from .pipeline import architecture, components, is_sdxl
 
+logger = logging.getLogger(__name__)
+
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# the tools that read each export; the app's downloads and train_dreambooth's report name them in these words
+KOHYA_TOOLS = "AUTOMATIC1111, ComfyUI and Forge"
+DIFFUSERS_TOOLS = "diffusers and PEFT"
+# ss_base_model_version as kohya's trainer writes it: A1111 classes a file as SDXL only on the "sdxl_"
+# prefix, as SD2 only on ss_v2 == "True", anything else with metadata as SD1
+_KOHYA_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+_CLIP_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
 _KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 _KOHYA_PREFIX_SDXL = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 _KOHYA_STARTS = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
@@ -72,36 +83,127 @@ def export_diffusers_lora(pipe, folder: str | os.PathLike) -> Path:
     return folder / DIFFUSERS_WEIGHT_NAME
 
 
-def export_kohya_lora(pipe, path: str | os.PathLike) -> Path:
+def export_kohya_lora(pipe, path: str | os.PathLike, resolution: int | tuple[int, int] | None = None) -> Path:
     """Write one safetensors file in the kohya / A1111 / ComfyUI key format:
     ``lora_unet_<module path with _>.lora_down.weight`` (r, in), ``.lora_up.weight`` (out, r) and
     ``.alpha`` (= r, so the file's update is exactly lora_up @ lora_down); text encoders as
-    ``lora_te_`` (SDXL: ``lora_te1_`` / ``lora_te2_``). Returns the path."""
+    ``lora_te_`` (SDXL: ``lora_te1_`` / ``lora_te2_``). Returns the path.
+
+    The metadata is what kohya's trainer writes and the loaders read (see ``kohya_metadata``);
+    ``resolution`` (px, or (width, height)) is the training resolution, by default the model's native
+    size. Logs a warning when AUTOMATIC1111 would silently drop part of the file (SDXL's second text
+    encoder with only some of an attention layer's projections adapted).
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"kohya LoRA path must end in .safetensors, got {path}")
+    meta = kohya_metadata(pipe, resolution)  # validates before any work
     prefixes = _KOHYA_PREFIX_SDXL if is_sdxl(pipe) else _KOHYA_PREFIX
     out: dict[str, torch.Tensor] = {}
-    ranks = set()
-    for comp, sd in _lora_layers(pipe).items():
+    layers = _lora_layers(pipe)
+    for comp, sd in layers.items():
         for key, down in sd.items():
             if not key.endswith(".lora_A.weight"):
                 continue
             module = key[: -len(".lora_A.weight")]
             name = prefixes[comp] + module.replace(".", "_")
-            up = sd[f"{module}.lora_B.weight"]
             out[f"{name}.lora_down.weight"] = down
-            out[f"{name}.lora_up.weight"] = up
+            out[f"{name}.lora_up.weight"] = sd[f"{module}.lora_B.weight"]
             out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
-            ranks.add(down.shape[0])
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"kohya LoRA path must end in .safetensors, got {path}")
-    meta = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(max(ranks)),
-        "ss_network_alpha": str(max(ranks)),
-        "ss_base_model_version": architecture(pipe),
-    }
+    warning = _a1111_te2_warning([k.rsplit(".lora_", 1)[0] for k in layers.get("text_encoder_2", {})])
+    if warning:
+        logger.warning("%s: %s", path.name, warning)
     atomic_save_safetensors(out, path, meta)
     return path
+
+
+def kohya_metadata(pipe, resolution: int | tuple[int, int] | None = None) -> dict[str, str]:
+    """The safetensors metadata of a kohya export (all values strings, as safetensors requires).
+
+    kohya's own keys: ``ss_base_model_version`` (sd_v1 / sd_v2 / sdxl_base_v1-0, "_v" appended for
+    v-prediction on SD1/SD2 as kohya does), ``ss_v2``, ``ss_v_parameterization`` (from the scheduler's
+    prediction_type), ``ss_network_module`` / ``ss_network_dim`` / ``ss_network_alpha`` (alpha = rank)
+    and ``ss_resolution`` ("(width, height)"). The NB-LoRA bound of the main component (the UNet
+    when adapted) as ``nblora_p``, ``nblora_delta`` or ``nblora_gamma`` (relative bound),
+    ``nblora_parameterization`` and ``nblora_scale`` (the slider scale baked into the weights); every
+    component's configs and scale as JSON in ``nblora_components``.
+    """
+    parts = adapted_components(pipe)
+    if not parts:
+        raise ValueError("the pipeline has no NB-LoRA adapters to export")
+    arch = architecture(pipe)
+    scheduler_config = getattr(getattr(pipe, "scheduler", None), "config", {})
+    v_pred = scheduler_config.get("prediction_type", "epsilon") == "v_prediction"
+    version = _KOHYA_VERSION[arch] + ("_v" if v_pred and arch != "sdxl" else "")
+    width, height = _resolution(pipe, resolution)
+    rank = max(layer.rank for model in parts.values() for _, layer in nblora_layers(model))
+    per_component = {}
+    for comp, model in parts.items():
+        per_component[comp] = {
+            "configs": [
+                {k: cfg[k] for k in ("rank", "p", "delta", "gamma", "parameterization") if cfg[k] is not None}
+                for cfg in injected_configs(model)
+            ],
+            "scale": next(layer.scale for _, layer in nblora_layers(model)),
+        }
+    main = "unet" if "unet" in parts else next(iter(parts))
+    cfg = injected_configs(parts[main])[0]
+    p = float(cfg["p"])
+    bound = (
+        {"nblora_delta": str(cfg["delta"])}
+        if cfg["delta"] is not None
+        else {"nblora_gamma": str(cfg["gamma"])}
+    )
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(rank),  # every module's own alpha tensor equals its rank
+        "ss_base_model_version": version,
+        "ss_v2": str(arch == "sd2"),
+        "ss_v_parameterization": str(v_pred),
+        "ss_resolution": str((width, height)),
+        "nblora_p": "inf" if math.isinf(p) else f"{p:g}",
+        **bound,
+        "nblora_parameterization": cfg["parameterization"],
+        "nblora_scale": str(per_component[main]["scale"]),
+        "nblora_components": json.dumps(per_component),
+    }
+
+
+def _resolution(pipe, resolution: int | tuple[int, int] | None) -> tuple[int, int]:
+    """(width, height) in px: the given one, or the size the pipeline generates by default."""
+    if resolution is None:
+        size = pipe.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        factor = getattr(pipe, "vae_scale_factor", 8)
+        return int(w) * factor, int(h) * factor
+    pair = (resolution, resolution) if not isinstance(resolution, (tuple, list)) else tuple(resolution)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise ValueError(f"resolution must be a positive int or (width, height), got {resolution!r}")
+    return pair
+
+
+def _a1111_te2_warning(modules: list[str]) -> str | None:
+    """Why AUTOMATIC1111 would ignore part of SDXL's second text encoder, or None.
+
+    A1111 loads that encoder (OpenCLIP, a fused in_proj attention) from a LoRA only for self-attention
+    layers whose q_proj, k_proj, v_proj and out_proj are all present; a subset is dropped without a word.
+    ``modules``: adapted module paths of text_encoder_2.
+    """
+    found: dict[str, set[str]] = {}
+    for module in modules:
+        attn, _, proj = module.rpartition(".")
+        if proj in _CLIP_ATTN:
+            found.setdefault(attn, set()).add(proj)
+    partial = [a for a, projs in found.items() if len(projs) < len(_CLIP_ATTN)]  # in model order
+    if not partial:
+        return None
+    have = ", ".join(p for p in _CLIP_ATTN if p in found[partial[0]])
+    return (
+        f"{len(partial)} self-attention layer(s) of text_encoder_2 adapt only part of "
+        f"{'/'.join(_CLIP_ATTN)} (e.g. {partial[0]}: {have}); AUTOMATIC1111 ignores those layers of "
+        "an SDXL LoRA unless all four are present (target all four, or leave them out)"
+    )
 
 
 # -- import ----------------------------------------------------------------------------------------
