@@ -8,6 +8,21 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
+@pytest.fixture(autouse=True)
+def _seeded_rng():
+    """Every test starts from the same global RNG state (layers draw their init from it), so a test's
+    numbers do not depend on which tests ran before it."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
 def load_example(name: str):
     """Import examples/<name>.py as a module (the examples are scripts, not a package)."""
     import importlib.util
