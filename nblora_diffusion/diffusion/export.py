@@ -131,11 +131,6 @@ def kohya_metadata(pipe, resolution: int | tuple[int, int] | None = None) -> dic
     parts = adapted_components(pipe)
     if not parts:
         raise ValueError("the pipeline has no NB-LoRA adapters to export")
-    arch = architecture(pipe)
-    scheduler_config = getattr(getattr(pipe, "scheduler", None), "config", {})
-    v_pred = scheduler_config.get("prediction_type", "epsilon") == "v_prediction"
-    version = _KOHYA_VERSION[arch] + ("_v" if v_pred and arch != "sdxl" else "")
-    width, height = _resolution(pipe, resolution)
     rank = max(layer.rank for model in parts.values() for _, layer in nblora_layers(model))
     per_component = {}
     for comp, model in parts.items():
@@ -155,6 +150,23 @@ def kohya_metadata(pipe, resolution: int | tuple[int, int] | None = None) -> dic
         else {"nblora_gamma": str(cfg["gamma"])}
     )
     return {
+        **network_metadata(pipe, rank, resolution),
+        "nblora_p": "inf" if math.isinf(p) else f"{p:g}",
+        **bound,
+        "nblora_parameterization": cfg["parameterization"],
+        "nblora_scale": str(per_component[main]["scale"]),
+        "nblora_components": json.dumps(per_component),
+    }
+
+
+def network_metadata(pipe, rank: int, resolution: int | tuple[int, int] | None = None) -> dict[str, str]:
+    """kohya's ``ss_*`` keys that A1111/ComfyUI read to class a LoRA file (any adapter kind)."""
+    arch = architecture(pipe)
+    scheduler_config = getattr(getattr(pipe, "scheduler", None), "config", {})
+    v_pred = scheduler_config.get("prediction_type", "epsilon") == "v_prediction"
+    version = _KOHYA_VERSION[arch] + ("_v" if v_pred and arch != "sdxl" else "")
+    width, height = _resolution(pipe, resolution)
+    return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(rank),  # every module's own alpha tensor equals its rank
@@ -162,11 +174,6 @@ def kohya_metadata(pipe, resolution: int | tuple[int, int] | None = None) -> dic
         "ss_v2": str(arch == "sd2"),
         "ss_v_parameterization": str(v_pred),
         "ss_resolution": str((width, height)),
-        "nblora_p": "inf" if math.isinf(p) else f"{p:g}",
-        **bound,
-        "nblora_parameterization": cfg["parameterization"],
-        "nblora_scale": str(per_component[main]["scale"]),
-        "nblora_components": json.dumps(per_component),
     }
 
 

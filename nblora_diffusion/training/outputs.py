@@ -84,11 +84,11 @@ def write_adapter(
             if final:
                 diffusion.export_diffusers_lora(pipe, tmp)
                 if kohya:
-                    diffusion.export_kohya_lora(pipe, tmp / KOHYA_FILE)
+                    diffusion.export_kohya_lora(pipe, tmp / KOHYA_FILE, resolution=config.resolution)
         else:
             save_peft_lora(pipe, setup, tmp)
             if kohya:
-                save_peft_kohya(setup, tmp / KOHYA_FILE, diffusion.is_sdxl(pipe))
+                save_peft_kohya(setup, tmp / KOHYA_FILE, pipe, config.resolution)
         last = [p for p in tmp.iterdir() if p.name == diffusion.CONFIG_NAME]
         for p in [p for p in tmp.iterdir() if p not in last] + last:  # the config JSON goes in last
             os.chmod(p, 0o644)  # temporary files are private (0600); outputs are ordinary files
