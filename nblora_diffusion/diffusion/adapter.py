@@ -27,6 +27,7 @@ from ..core import (
 )
 from ..core.inject import matches
 from .pipeline import TEXT_ENCODERS, architecture, components
+from .single_file import file_base_model_id, same_base_model
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,8 @@ CONFIG_NAME = "nblora_config.json"
 ADAPTER_FORMAT = "nblora-diffusion"
 ADAPTER_FORMAT_VERSION = 1
 _RESERVED = frozenset(
-    ("format", "format_version", "base_model", "architecture", "token", "rank", "p", "delta", "gamma",
-     "targets", "parameterization", "components")
+    ("format", "format_version", "base_model", "base_model_id", "architecture", "token", "rank", "p", "delta",
+     "gamma", "targets", "parameterization", "components")
 )  # fmt: skip
 
 
@@ -137,9 +138,10 @@ def _summary(model: nn.Module) -> dict:
 def save_adapter(pipe, folder: str | os.PathLike, base_model: str, token: str | None = None, **extra) -> Path:
     """Write an adapter folder: one native safetensors file per adapted component and nblora_config.json.
 
-    The JSON records the base model, the architecture, p, δ (or γ), rank, targets, parameterization
-    and the instance token, plus any JSON-serialisable ``extra`` keys. Files are written atomically and
-    the JSON last, so an interrupted save never leaves a folder that loads.
+    The JSON records the base model (for a checkpoint file also ``base_model_id``: its name and content
+    hash), the architecture, p, δ (or γ), rank, targets, parameterization and the instance token, plus any
+    JSON-serialisable ``extra`` keys. Files are written atomically and the JSON last, so an interrupted
+    save never leaves a folder that loads.
     """
     parts = _require_adapters(pipe)
     clash = sorted(set(extra) & _RESERVED)
@@ -149,6 +151,7 @@ def save_adapter(pipe, folder: str | os.PathLike, base_model: str, token: str | 
         "format": ADAPTER_FORMAT,
         "format_version": ADAPTER_FORMAT_VERSION,
         "base_model": str(base_model),
+        "base_model_id": file_base_model_id(base_model),
         "architecture": architecture(pipe),
         "token": token,
         "components": {},
@@ -212,8 +215,9 @@ def read_adapter_config(folder: str | os.PathLike) -> dict:
 def load_adapter(pipe, folder: str | os.PathLike) -> dict:
     """Load an adapter folder onto a pipeline, injecting the saved configs where it has no adapters.
 
-    Checks the architecture, every file and every shape before anything is kept: on any error the
-    pipeline is left as it was. Returns the adapter config (nblora_config.json).
+    Checks the architecture, the base checkpoint (when the adapter and the pipeline both come from
+    checkpoint files, their content hashes must agree), every file and every shape before anything is
+    kept: on any error the pipeline is left as it was. Returns the adapter config (nblora_config.json).
     """
     folder = Path(folder)
     info = read_adapter_config(folder)
@@ -223,6 +227,9 @@ def load_adapter(pipe, folder: str | os.PathLike) -> dict:
             f"adapter {folder} was trained for {info.get('architecture')}, the pipeline is {arch} "
             f"(base model of the adapter: {info.get('base_model')})"
         )
+    trained_on, loaded = info.get("base_model_id"), file_base_model_id(getattr(pipe, "name_or_path", None))
+    if trained_on and loaded and not same_base_model(trained_on, loaded):
+        raise ValueError(f"adapter {folder} was trained on checkpoint {trained_on}, the pipeline is {loaded}")
     parts = components(pipe)
     for name, comp in info["components"].items():
         if name not in parts:

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .single_file import SINGLE_FILE_SUFFIXES, is_single_file, load_single_file
+
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
@@ -33,12 +35,18 @@ def load_pipeline(
     model_name_or_path: str | os.PathLike,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
+    *,
+    config: str | os.PathLike | None = None,
+    allow_ckpt: bool = False,
 ):
-    """A StableDiffusionPipeline or StableDiffusionXLPipeline, chosen from the folder's model_index.json.
+    """A StableDiffusionPipeline or StableDiffusionXLPipeline from a folder, a hub id or one checkpoint file.
 
-    Accepts a local diffusers folder or a hub id already in the local cache (the hub is never
-    contacted when HF_HUB_OFFLINE=1). Raises ValueError with a one-line message for a missing path,
-    a folder that is not a diffusers pipeline, or an unsupported pipeline class.
+    Accepts a local diffusers folder (the class from its model_index.json), a hub id already in the local
+    cache (the hub is never contacted when HF_HUB_OFFLINE=1), or a single-file checkpoint (.safetensors;
+    .ckpt only with ``allow_ckpt=True``), loaded offline with the shipped configs for the architecture
+    its keys show, or with ``config`` (a skeleton name or a diffusers folder, see
+    ``single_file.load_single_file``). Raises ValueError with a one-line message for a missing path,
+    a folder that is not a diffusers pipeline, an unsupported pipeline class or checkpoint.
     """
     from diffusers import DiffusionPipeline
 
@@ -49,12 +57,19 @@ def load_pipeline(
         raise ValueError(f"invalid device {device!r}: {e}") from None
     name = str(model_name_or_path)
     path = Path(name).expanduser()
+    if is_single_file(name) and not path.is_dir():  # a file, even where it looks like "owner/x.safetensors"
+        if not path.exists():
+            raise ValueError(f"model path not found: {path}")
+        return load_single_file(path, dtype, config=config, allow_ckpt=allow_ckpt).to(device)
+    if config is not None:
+        raise ValueError(f"config= applies to single-file checkpoints, not to {name}")
     if path.exists() or not _HUB_ID.fullmatch(name):
         if not path.exists():
             raise ValueError(f"model path not found: {path}")
         if path.is_file():
             raise ValueError(
-                f"{path} is a file; expected a diffusers pipeline folder (with model_index.json)"
+                f"{path} is a file; expected a diffusers pipeline folder (with model_index.json) "
+                f"or a checkpoint file ({' or '.join(SINGLE_FILE_SUFFIXES)})"
             )
         index = path / "model_index.json"
         if not index.is_file():
