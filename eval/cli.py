@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from nblora_diffusion.metrics import METRICS, MetricConfig
+from nblora_diffusion.metrics import MICRO_METRICS, METRICS, MetricConfig, MicroWorldConfig
 
 from .dataset import PROMPT_SETS
 
@@ -48,7 +48,11 @@ def add_metric_args(p: argparse.ArgumentParser) -> None:
         "--no_center_crop", action="store_true", help="do not center-crop images to a square first"
     )
     g.add_argument(
-        "--metrics", type=_metric_list, default=METRICS, help=f"comma-separated subset of {','.join(METRICS)}"
+        "--metrics",
+        type=_metric_list,
+        default=METRICS,
+        help=f"comma-separated subset of {','.join(METRICS)}; or microworld (the micro world's judges: "
+        f"{','.join(MICRO_METRICS)}), or a subset of those",
     )
     g.add_argument("--metric_batch_size", type=int, default=_DEFAULT.batch_size)
     g.add_argument(
@@ -57,7 +61,11 @@ def add_metric_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep_token", action="store_true", help="CLIP-T with the rare token kept in the prompt")
 
 
-def metric_config(a: argparse.Namespace) -> MetricConfig:
+def metric_config(a: argparse.Namespace) -> MetricConfig | MicroWorldConfig:
+    if a.metrics == ("microworld",):
+        return MicroWorldConfig()
+    if a.metrics and set(a.metrics) <= set(MICRO_METRICS):
+        return MicroWorldConfig(metrics=a.metrics)
     return MetricConfig(
         dino_model=a.dino_model,
         clip_model=a.clip_model,
@@ -88,6 +96,15 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
     g.add_argument("--gen_batch_size", type=int, default=8, help="images per pipeline call")
     g.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    g.add_argument(
+        "--base_model_config",
+        default=None,
+        help="configs of a single-file --base_model: sd15, sd21-base, sd21-v, sdxl-base or a diffusers "
+        "folder (default: inferred from the file's keys)",
+    )
+    g.add_argument(
+        "--allow_ckpt", action="store_true", help="accept a pickled .ckpt --base_model (weights-only loader)"
+    )
     g.add_argument("--device", default=None, help="pipeline device (default: cuda if present)")
     g.add_argument("--no_save_images", action="store_true", help="do not keep the generated PNGs")
     g.add_argument(
@@ -108,6 +125,8 @@ def generation_config(a: argparse.Namespace):
         resolution=a.resolution,
         batch_size=a.gen_batch_size,
         dtype=a.dtype,
+        base_model_config=a.base_model_config,
+        allow_ckpt=a.allow_ckpt,
         device=a.device,
         save_images=not a.no_save_images,
     )
@@ -122,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("score", help="score every checkpoint of one or more runs on one subject")
-    s.add_argument("--base_model", required=True, help="diffusers pipeline folder or hub id")
+    s.add_argument(
+        "--base_model", required=True, help="hub id, local diffusers folder or single .safetensors file"
+    )
     s.add_argument(
         "--adapters",
         nargs="+",
@@ -144,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--dataset", required=True, help="DreamBooth dataset folder (subjects + prompts_and_classes.txt)"
     )
-    b.add_argument("--base_model", required=True)
+    b.add_argument(
+        "--base_model", required=True, help="hub id, local diffusers folder or single .safetensors file"
+    )
     b.add_argument("--methods", required=True, help="methods JSON file or a built-in grid: table3")
     b.add_argument("--subjects", default="all", help="all, or comma-separated subject names")
     b.add_argument("--out", required=True)

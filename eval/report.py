@@ -17,6 +17,11 @@ NAMES = {
     "clip_t": "CLIP-T",
     "lpips_div": "LPIPS-div",
     "lpips_ref": "LPIPS-ref",
+    "subject": "subject",
+    "subject_acc": "subject-acc",
+    "prompt": "prompt",
+    "diversity": "diversity",
+    "drift": "drift",
 }
 
 

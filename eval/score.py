@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from nblora_diffusion.metrics import METRICS, MetricConfig, MetricSuite, PairStat, strip_token
+from nblora_diffusion.metrics import ALL_METRICS, MetricConfig, MicroWorldConfig, PairStat, make_suite, strip_token
 
 from . import adapters as adapter_io
 from .report import NAMES, curves_plot, markdown_table, read_json, write_csv, write_json, write_text
@@ -32,6 +32,8 @@ class GenerationConfig:
     resolution: int | None = None  # None: the model's native size
     batch_size: int = 8  # images per pipeline call
     dtype: str = "fp32"
+    base_model_config: str | None = None  # a single-file base model's configs (None: inferred)
+    allow_ckpt: bool = False  # a pickled .ckpt base model, read weights-only
     device: str | None = None  # None: cuda when present
     save_images: bool = True
 
@@ -44,8 +46,10 @@ class GenerationConfig:
 
     def describe(self) -> dict:
         d = asdict(self)
-        for key in ("batch_size", "device", "save_images"):  # not protocol: same seeds, same images
+        for key in ("batch_size", "device", "save_images", "allow_ckpt"):  # not protocol: same images
             d.pop(key)
+        if d["base_model_config"] is None:  # the default: fingerprints of earlier reports stay valid
+            d.pop("base_model_config")
         return d
 
 
@@ -91,14 +95,14 @@ class Scorer:
     def __init__(
         self,
         base_model: str,
-        metrics: MetricConfig | None = None,
+        metrics: MetricConfig | MicroWorldConfig | None = None,
         gen: GenerationConfig | None = None,
         allow_other_base: bool = False,
     ) -> None:
         self.base_model = str(base_model)
         self.gen = gen or GenerationConfig()
         self.allow_other_base = allow_other_base
-        self.suite = MetricSuite(metrics)
+        self.suite = make_suite(metrics)
         self._pipe = None
 
     @property
@@ -107,7 +111,13 @@ class Scorer:
             from nblora_diffusion import diffusion
 
             device = self.gen.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            self._pipe = diffusion.load_pipeline(self.base_model, dtype=self.gen.dtype, device=device)
+            self._pipe = diffusion.load_pipeline(
+                self.base_model,
+                dtype=self.gen.dtype,
+                device=device,
+                config=self.gen.base_model_config,
+                allow_ckpt=self.gen.allow_ckpt,
+            )
             self._pipe.set_progress_bar_config(disable=True)
         return self._pipe
 
@@ -222,7 +232,7 @@ def table_rows(report: dict) -> list[dict]:
 
 
 def write_score_report(report: dict, out: Path, plots: bool = True) -> dict[str, Path]:
-    metrics = [m for m in METRICS if m in report["metrics"]]
+    metrics = [m for m in ALL_METRICS if m in report["metrics"]]
     rows = table_rows(report)
     paths = {"csv": write_csv(out / "report.csv", rows, ["run", "name", "step", *metrics])}
     title = f"# Scores: {report.get('subject', 'subject')}\n\n" if report.get("subject") else ""

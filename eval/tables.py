@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from nblora_diffusion.metrics import METRICS, PairStat, mean_std, pooled_mean
+from nblora_diffusion.metrics import ALL_METRICS, PairStat, fidelity_metrics, mean_std, pooled_mean
 
 from .methods import Method
 from .report import NAMES, curves_plot, figure, markdown_table, save_figure, write_csv, write_json, write_text
@@ -58,8 +58,11 @@ def write_benchmark_report(
     metrics: Sequence[str],
     report_steps: Sequence[int] | None = None,
 ) -> dict[str, Path]:
-    metrics = [m for m in METRICS if m in metrics]
-    results: dict = {"subjects": list(subjects), "metrics": metrics, "methods": [], "real": {}}
+    metrics = [m for m in ALL_METRICS if m in metrics]
+    fid, text = fidelity_metrics(metrics)  # DINO and CLIP-T, or their micro-world analogues
+    results: dict = {
+        "subjects": list(subjects), "metrics": metrics, "methods": [], "real": {}, "fidelity": fid, "text": text
+    }
     rows: list[dict] = []
 
     def add_row(method_id: str, label: str, kind: str, step, stats: dict) -> None:
@@ -78,7 +81,7 @@ def write_benchmark_report(
     for method in methods:
         steps = method_steps(method, subjects, reports, metrics)
         best = (
-            max(steps, key=lambda k: (steps[k]["dino"]["mean"], -k)) if steps and "dino" in metrics else None
+            max(steps, key=lambda k: (steps[k][fid]["mean"], -k)) if steps and fid else None
         )
         fixed = [k for k in (report_steps or ([max(steps)] if steps else []))]
         results["methods"].append(
@@ -90,7 +93,7 @@ def write_benchmark_report(
             }
         )
         if best is not None:
-            add_row(method.id, method.name, "best DINO", best, steps[best])
+            add_row(method.id, method.name, f"best {NAMES[fid]}", best, steps[best])
         for k in fixed:
             add_row(method.id, method.name, f"step {k}", k, steps.get(k, {}))
     real = aggregate(
@@ -133,32 +136,34 @@ def write_benchmark_report(
             x["name"]: [(int(k), v[m]["mean"]) for k, v in x["steps"].items()] for x in results["methods"]
         }
         paths[f"curve_{m}"] = curves_plot(out / "curves" / f"{m}.png", m, series, real[m]["mean"])
-    if "dino" in metrics and "clip_t" in metrics:
-        paths["tradeoff"] = tradeoff_plot(out / "tradeoff_dino_clip_t.png", results)
+    if fid and text:
+        paths["tradeoff"] = tradeoff_plot(out / f"tradeoff_{fid}_{text}.png", results)
     paths["json"] = write_json(out / "results.json", results)
     return paths
 
 
 def tradeoff_plot(path: Path, results: dict) -> Path:
-    """DINO (subject fidelity) vs CLIP-T (prompt fidelity), one line per method through its steps."""
+    """DINO (subject fidelity) vs CLIP-T (prompt fidelity), one line per method through its steps (or
+    their micro-world analogues)."""
+    fid, text = results.get("fidelity", "dino"), results.get("text", "clip_t")
     fig, ax = figure(5.5, 4.0)
     for x in results["methods"]:
-        pts = sorted((int(k), v["clip_t"]["mean"], v["dino"]["mean"]) for k, v in x["steps"].items())
+        pts = sorted((int(k), v[text]["mean"], v[fid]["mean"]) for k, v in x["steps"].items())
         if not pts:
             continue
         line = ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", markersize=3, label=x["name"])[0]
         if x["best_dino_step"] is not None:
             best = x["steps"][str(x["best_dino_step"])]
             ax.plot(
-                best["clip_t"]["mean"],
-                best["dino"]["mean"],
+                best[text]["mean"],
+                best[fid]["mean"],
                 marker="*",
                 markersize=11,
                 color=line.get_color(),
             )
-    ax.axhline(results["real"]["dino"]["mean"], color="grey", linestyle="--", label="real images (DINO)")
-    ax.set_xlabel("CLIP-T (prompt fidelity)")
-    ax.set_ylabel("DINO (subject fidelity)")
+    ax.axhline(results["real"][fid]["mean"], color="grey", linestyle="--", label=f"real images ({NAMES[fid]})")
+    ax.set_xlabel(f"{NAMES[text]} (prompt fidelity)")
+    ax.set_ylabel(f"{NAMES[fid]} (subject fidelity)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
     return save_figure(fig, path)

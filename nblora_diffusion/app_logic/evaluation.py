@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..metrics import MetricConfig, MetricSuite, list_images, strip_token
+from ..metrics import MetricConfig, MetricSuite, MicroWorldConfig, MicroWorldSuite, list_images, make_suite, strip_token
 from .generation import read_adapter_info
 
 GROUP_COLUMNS = ("images", "variant", "δ'")
@@ -34,15 +34,15 @@ def subject_photos(folder: str | os.PathLike) -> str | None:
 class Evaluator:
     """Loads the metric models once (on first use) and scores groups of generated images."""
 
-    def __init__(self, config: MetricConfig | None = None) -> None:
+    def __init__(self, config: MetricConfig | MicroWorldConfig | None = None) -> None:
         self.config = config or MetricConfig()
-        self._suite: MetricSuite | None = None
+        self._suite: MetricSuite | MicroWorldSuite | None = None
         self._lock = threading.Lock()
 
-    def suite(self) -> MetricSuite:
+    def suite(self) -> MetricSuite | MicroWorldSuite:
         with self._lock:
             if self._suite is None:
-                self._suite = MetricSuite(self.config).load()  # ValueError naming a missing model
+                self._suite = make_suite(self.config).load()  # ValueError naming a missing model
             return self._suite
 
     @property

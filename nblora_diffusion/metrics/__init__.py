@@ -25,10 +25,33 @@ from .scoring import (
     strip_token,
     within_group_pairs,
 )
+from .microworld import MICRO_METRICS, MicroWorldConfig, MicroWorldSuite, drift_score, prompt_attributes
 from .suite import MetricSuite, list_images
 
+ALL_METRICS = METRICS + MICRO_METRICS
+
+
+def make_suite(config: MetricConfig | MicroWorldConfig | None = None) -> MetricSuite | MicroWorldSuite:
+    """The suite for a metric config: DINO/CLIP/LPIPS (the default) or the micro world's judges."""
+    return MicroWorldSuite(config) if isinstance(config, MicroWorldConfig) else MetricSuite(config)
+
+
+def fidelity_metrics(metrics) -> tuple[str | None, str | None]:
+    """(subject-fidelity metric, prompt-fidelity metric) of a metric list: DINO and CLIP-T, or the
+    micro world's subject and prompt."""
+    fid = next((m for m in ("dino", "subject") if m in metrics), None)
+    return fid, next((m for m in ("clip_t", "prompt") if m in metrics), None)
+
 __all__ = [
+    "ALL_METRICS",
+    "MICRO_METRICS",
     "METRICS",
+    "MicroWorldConfig",
+    "MicroWorldSuite",
+    "drift_score",
+    "fidelity_metrics",
+    "make_suite",
+    "prompt_attributes",
     "ClipFeatures",
     "DinoFeatures",
     "LpipsFeatures",

@@ -56,12 +56,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs), strict=True))
 
 
-def tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A CLIP-style BPE vocabulary and merge list: every byte (alone and word-final) plus ``_WORDS``."""
+def tiny_vocab(words: tuple[str, ...] = _WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-style BPE vocabulary and merge list: every byte (alone and word-final) plus whole-word
+    tokens for ``words``."""
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet]
     merges: list[tuple[str, str]] = []
-    for word in _WORDS:
+    for word in words:
         parts = list(word[:-1]) + [word[-1] + "</w>"]
         while len(parts) > 1:  # merge left to right: "p h", "ph o", ... "phot o</w>"
             pair = (parts[0], parts[1])
@@ -75,11 +76,11 @@ def tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def _tokenizer():
+def bpe_tokenizer(words: tuple[str, ...] = _WORDS, max_length: int = MAX_LENGTH):
     from transformers import CLIPTokenizer
 
-    vocab, merges = tiny_vocab()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+    vocab, merges = tiny_vocab(words)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 def _text_config(vocab_size: int, projection: bool):
@@ -143,7 +144,7 @@ def _sd_pipeline():
         cross_attention_dim=TEXT_WIDTH,
         norm_num_groups=32,
     )  # SD1.x layout: Conv2d proj_in/proj_out (use_linear_projection=False)
-    tokenizer = _tokenizer()
+    tokenizer = bpe_tokenizer()
     text_encoder = CLIPTextModel(_text_config(len(tokenizer), projection=False))
     return StableDiffusionPipeline(
         vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(),
@@ -174,7 +175,7 @@ def _sdxl_pipeline():
         cross_attention_dim=2 * TEXT_WIDTH,  # the two encoders' hidden states are concatenated
         norm_num_groups=32,
     )
-    tokenizer, tokenizer_2 = _tokenizer(), _tokenizer()
+    tokenizer, tokenizer_2 = bpe_tokenizer(), bpe_tokenizer()
     text_encoder = CLIPTextModel(_text_config(len(tokenizer), projection=False))
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer_2), projection=True))
     return StableDiffusionXLPipeline(
@@ -199,7 +200,7 @@ def make_tiny_sd(outdir: str | os.PathLike, sdxl: bool = False, seed: int = 0) -
     tmp = Path(tempfile.mkdtemp(dir=outdir.parent, prefix=f".{outdir.name}.", suffix=".tmp"))
     try:
         pipe.save_pretrained(tmp)
-        _write_bpe_files(tmp)
+        write_bpe_files(tmp)
         if outdir.exists():
             outdir.rmdir()
         os.replace(tmp, outdir)
@@ -209,9 +210,9 @@ def make_tiny_sd(outdir: str | os.PathLike, sdxl: bool = False, seed: int = 0) -
     return outdir
 
 
-def _write_bpe_files(folder: Path) -> None:
+def write_bpe_files(folder: Path, words: tuple[str, ...] = _WORDS) -> None:
     """vocab.json + merges.txt next to tokenizer.json, for tokenizer classes that read those files."""
-    vocab, merges = tiny_vocab()
+    vocab, merges = tiny_vocab(words)
     for sub in ("tokenizer", "tokenizer_2"):
         if (folder / sub).is_dir():
             (folder / sub / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
