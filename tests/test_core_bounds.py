@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from nblora_diffusion.core.bounds import (
@@ -20,6 +20,7 @@ from nblora_diffusion.core.bounds import (
 )
 
 P_VALUES = st.sampled_from([1.0, 2.0, 3.5, math.inf]) | st.floats(1.0, 50.0)
+LARGE_P = P_VALUES | st.floats(50.0, 1e3)  # (floor·δ)^p underflows float64 from p ≈ 25 on
 
 
 @settings(max_examples=60, deadline=None)
@@ -97,10 +98,13 @@ def test_project_to_l1_ball_is_the_euclidean_projection():
     )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
-    p=P_VALUES, r=st.integers(1, 16), fill=st.floats(0, 1), zeros=st.integers(0, 16), seed=st.integers(0, 999)
+    p=LARGE_P, r=st.integers(1, 16), fill=st.floats(0, 1), zeros=st.integers(0, 16), seed=st.integers(0, 999)
 )
+@example(p=28.0, r=2, fill=1.0, zeros=1, seed=0)  # σ = [0, 2], δ = 2: the floor used to underflow to s_1 = 0
+@example(p=1e3, r=2, fill=1.0, zeros=1, seed=0)
+@example(p=math.inf, r=2, fill=1.0, zeros=1, seed=0)
 def test_fit_bound_dominates_sigma_and_has_norm_delta(p, r, fill, zeros, seed):
     delta = 2.0
     sigma = torch.rand(r, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
@@ -108,9 +112,22 @@ def test_fit_bound_dominates_sigma_and_has_norm_delta(p, r, fill, zeros, seed):
     if float(schatten_norm(sigma, p)) > 0:
         sigma = sigma * (fill * delta / float(schatten_norm(sigma, p)))
     s = fit_bound(sigma, p, delta)
-    assert bool((s > 0).all())
+    assert bool((s > 0).all()) and bool(torch.isfinite(s).all())
     assert bool((s >= sigma * (1 - 1e-9)).all())
     assert math.isclose(float(schatten_norm(s, p)), delta, rel_tol=1e-12)
+    s_tilde = s_tilde_for(s, p)  # the parameters that reach s: finite, and they give s back
+    assert bool(torch.isfinite(s_tilde).all())
+    assert torch.allclose(bound_vector(s_tilde, p, delta), s, rtol=1e-9, atol=0)
+
+
+def test_fit_bound_keeps_the_floor_at_p_28():
+    s = fit_bound(torch.tensor([0.0, 2.0], dtype=torch.float64), p=28, delta=2)
+    assert float(s[0]) == pytest.approx(2e-12, rel=1e-9) and bool(torch.isfinite(s_tilde_for(s, 28)).all())
+
+
+def test_schatten_norm_does_not_overflow_for_large_p():
+    sigma = torch.tensor([3.0, 2.0], dtype=torch.float64)  # 3^1000 overflows float64
+    assert math.isclose(float(schatten_norm(sigma, 1e3)), 3.0, rel_tol=1e-12)
 
 
 @pytest.mark.parametrize(

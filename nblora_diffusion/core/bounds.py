@@ -63,10 +63,12 @@ def s_tilde_for(s: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def schatten_norm(sigma: torch.Tensor, p: float) -> torch.Tensor:
-    """‖σ‖_p of singular values σ (last dim)."""
+    """‖σ‖_p of singular values σ (last dim), scaled by max |σ| so that σ^p cannot overflow."""
+    top = sigma.abs().amax(dim=-1, keepdim=True)
     if math.isinf(p):
-        return sigma.abs().amax(dim=-1)
-    return sigma.abs().pow(p).sum(dim=-1).pow(1.0 / p)
+        return top.squeeze(-1)
+    scale = torch.where(top > 0, top, torch.ones_like(top))
+    return (sigma.abs() / scale).pow(p).sum(dim=-1).pow(1.0 / p) * scale.squeeze(-1)
 
 
 def matrix_schatten_norm(W: torch.Tensor, p: float) -> torch.Tensor:
@@ -102,11 +104,15 @@ def fit_bound(sigma: torch.Tensor, p: float, delta: float, floor: float = 1e-12)
     """A bound vector s (‖s‖_p = δ, s > 0) with s >= σ, given ‖σ‖_p <= δ.
 
     The slack δ^p - Σσ^p is shared equally; each s_i is at least floor·δ so that s̃ is finite
-    (rank-deficient points exactly on the boundary are reached to within that floor).
+    (rank-deficient points exactly on the boundary are reached to within that floor). Computed in log
+    space on w_i = (s_i/δ)^p, which sum to 1: the floor's w = floor^p underflows float64 for p ≳ 25
+    (1e-12^28 = 1e-336) and δ^p overflows for large p.
     """
     if math.isinf(p):
         return torch.full_like(sigma, delta)
-    slack = (delta**p - sigma.pow(p).sum()).clamp(min=0)
-    s_p = (sigma.pow(p) + slack / sigma.shape[-1]).clamp(min=(floor * delta) ** p)
-    s_p = s_p * (delta**p / s_p.sum())
-    return s_p.pow(1.0 / p)
+    r = sigma.shape[-1]
+    log_u = p * torch.log(sigma / delta)  # log (σ_i/δ)^p, -inf for σ_i = 0
+    slack = (1.0 - torch.exp(log_u).sum(dim=-1, keepdim=True)).clamp(min=0)  # 1 - ‖σ/δ‖_p^p
+    log_w = torch.logaddexp(log_u, torch.log(slack / r)).clamp(min=p * math.log(floor))
+    log_w = log_w - torch.logsumexp(log_w, dim=-1, keepdim=True)  # Σ w_i = 1
+    return delta * torch.exp(log_w / p)
