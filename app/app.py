@@ -305,7 +305,9 @@ def launch_app(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python app/app.py", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--base_model", default=None, help=f"hub id or local diffusers folder (default {DEFAULT_BASE_MODEL})"
+        "--base_model",
+        default=None,
+        help=f"hub id, local diffusers folder or single .safetensors file (default {DEFAULT_BASE_MODEL})",
     )
     parser.add_argument(
         "--tiny",

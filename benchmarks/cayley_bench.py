@@ -146,8 +146,7 @@ def bench_materialize(layers: list, device: torch.device, args: argparse.Namespa
         synchronize(device)
 
     def batched() -> list:
-        materialize(layers)
-        return [layer.factors() for layer in layers]
+        return materialize(layers)
 
     def per_layer() -> list:
         return [layer.compute_factors() for layer in layers]
@@ -157,12 +156,11 @@ def bench_materialize(layers: list, device: torch.device, args: argparse.Namespa
 
         def run() -> None:
             with torch.no_grad():
-                for layer in layers:
-                    layer._cache = None  # force the refill
                 if batch:
                     materialize(layers)
-                for layer in layers:  # per layer: computes and caches its own factors
-                    layer.factors()
+                else:
+                    for layer in layers:
+                        layer.compute_factors()
             synchronize(device)
 
         return run

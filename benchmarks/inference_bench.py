@@ -25,7 +25,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from nblora_diffusion.core import load_nblora_state_dict, materialize, nblora_layers, nblora_state_dict
+from nblora_diffusion.core import load_nblora_state_dict, nblora_layers, nblora_state_dict
 from nblora_diffusion.diffusion import (
     add_nblora,
     export_diffusers_lora,
@@ -161,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         to_base()
         add_nblora(pipe, config)
         load_nblora_state_dict(pipe.unet, adapter)
-        with torch.no_grad():  # what the first forward does: one batched Cayley pass, then cached
-            materialize([layer for _, layer in nblora_layers(pipe.unet)])
+        with torch.no_grad():  # what the first forward does (in batches): the factors, then cached
+            for _, layer in nblora_layers(pipe.unet):
+                layer.factors()
 
     def to_merged() -> None:
         to_unmerged()

@@ -129,6 +129,10 @@ def train_options(spec: BenchmarkSpec, s: Subject, m: Method) -> dict:
         "class_prompt": f"a photo of {s.class_noun}",
         "output_dir": str(run),
     }
+    if spec.gen.base_model_config is not None:  # training loads the same single-file base model
+        opts["base_model_config"] = spec.gen.base_model_config
+    if spec.gen.allow_ckpt:
+        opts["allow_ckpt"] = True
     if opts.get("with_prior_preservation"):  # class images are shared by every unit of the class
         opts["class_data_dir"] = str(spec.out / "class_images" / s.class_noun.replace(" ", "_"))
     return opts

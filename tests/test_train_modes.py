@@ -181,7 +181,10 @@ def test_out_of_memory_names_the_flags_that_reduce_memory(tmp_path, monkeypatch)
         "--gradient_checkpointing",
         "--mixed_precision fp16",
         "--train_batch_size 1",
-        "--use_8bit_adam",
+        "--optimizer adamw8bit",
+        "--cache_latents",
+        "--cache_text_embeddings",
+        "--estimate_memory",
         "--resolution",
         "--rank",
     ):

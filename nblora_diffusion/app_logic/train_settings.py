@@ -114,11 +114,24 @@ def make_train_config(
 
 
 def native_resolution(base_model: str | None) -> int:
-    """Image size the base model was trained at: from a local pipeline folder's configs, else 512."""
-    if base_model and Path(base_model).is_dir():
+    """Image size the base model was trained at: from a local pipeline folder's configs, from the shipped
+    configs of the architecture a single-file checkpoint's keys show (its header, plus one bias for
+    SD2.x's ε/v), else a guess from the name (1024 for "xl", else 512)."""
+    folder = Path(base_model).expanduser() if base_model else None
+    if folder is not None and folder.is_file():
+        from ..diffusion import single_file
+
         try:
-            unet = json.loads((Path(base_model) / "unet" / "config.json").read_text())
-            vae = json.loads((Path(base_model) / "vae" / "config.json").read_text())
+            ckpt = single_file.read_checkpoint(folder)  # .safetensors: the header only
+            arch = single_file.checkpoint_architecture(ckpt)
+            prediction = single_file.prediction_type(ckpt, arch)
+            folder = single_file.CONFIGS / single_file.skeleton_for(arch, prediction)
+        except ValueError:  # a .ckpt (not unpickled here) or an unknown layout: guess from the name
+            folder = None
+    if folder is not None and folder.is_dir():
+        try:
+            unet = json.loads((folder / "unet" / "config.json").read_text())
+            vae = json.loads((folder / "vae" / "config.json").read_text())
             sample = unet["sample_size"]
             sample = sample[0] if isinstance(sample, (list, tuple)) else sample
             return int(sample) * 2 ** (len(vae["block_out_channels"]) - 1)

@@ -28,6 +28,27 @@ def _add_identity(A: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     return A
 
 
+def _fused_forward(blocks: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The fused forward on (L, r, q_k) blocks of Fᵀ: the output blocks of Qᵀ, M and N (see below)."""
+    r = blocks[0].shape[-2]
+    Xt = blocks[0][..., :r]  # Xᵀ: (L, r, r)
+    Yts = [blocks[0][..., r:], *blocks[1:]]  # row blocks of Y, transposed: (L, r, q_k)
+    M = torch.baddbmm(Xt.mT - Xt, Yts[0], Yts[0].mT)  # X - Xᵀ + Y_0ᵀ Y_0, contiguous
+    for Yt in Yts[1:]:
+        M.baddbmm_(Yt, Yt.mT)  # + Y_kᵀ Y_k
+    _add_identity(M)
+    LU, pivots, _ = torch.linalg.lu_factor_ex(M)  # never singular: σ_min(M) >= 1
+    eye = torch.eye(r, dtype=M.dtype, device=M.device).expand_as(M)
+    N = torch.linalg.lu_solve(LU, pivots, eye)  # (L, r, r)
+    # Hᵀ = -2 Nᵀ Yᵀ: (L, r, r) @ (L, r, q_k), on whole blocks so that every GEMM writes a
+    # contiguous tensor; the first r columns of block 0 (Gᵀ's place) are then overwritten by a
+    # copy, never an `out=` into that strided view (torch.compile cannot trace one)
+    Nt2 = N.mT * -2.0
+    outs = [torch.bmm(Nt2, T) for T in blocks]
+    outs[0][..., :r].copy_(_add_identity(N.mT * 2.0, -1.0))  # Gᵀ = 2Nᵀ - I
+    return outs, M, N
+
+
 class _FusedCayley(torch.autograd.Function):
     """Cayley transform of an (L, q, r) batch given as column blocks of Fᵀ, with a hand-written
     backward (paper Appendix C).
@@ -49,23 +70,9 @@ class _FusedCayley(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        r = blocks[0].shape[-2]
-        Xt = blocks[0][..., :r]  # Xᵀ: (L, r, r)
-        Yts = [blocks[0][..., r:], *blocks[1:]]  # row blocks of Y, transposed: (L, r, q_k)
-        M = torch.baddbmm(Xt.mT - Xt, Yts[0], Yts[0].mT)  # X - Xᵀ + Y_0ᵀ Y_0, contiguous
-        for Yt in Yts[1:]:
-            M.baddbmm_(Yt, Yt.mT)  # + Y_kᵀ Y_k
-        _add_identity(M)
-        LU, pivots, _ = torch.linalg.lu_factor_ex(M)  # never singular: σ_min(M) >= 1
-        eye = torch.eye(r, dtype=M.dtype, device=M.device).expand_as(M)
-        N = torch.linalg.lu_solve(LU, pivots, eye)  # (L, r, r)
-        # Hᵀ = -2 Nᵀ Yᵀ: (L, r, r) @ (L, r, q_k), on whole blocks so that every GEMM writes a
-        # contiguous tensor; the first r columns of block 0 (Gᵀ's place) are then overwritten
-        Nt2 = N.mT * -2.0
-        outs = [torch.bmm(Nt2, T) for T in blocks]
-        _add_identity(torch.mul(N.mT, 2.0, out=outs[0][..., :r]), -1.0)  # Gᵀ = 2Nᵀ - I
+        outs, M, N = _fused_forward(blocks)
         ctx.save_for_backward(M, N, *outs)
-        ctx.r = r
+        ctx.r = blocks[0].shape[-2]
         return tuple(outs)
 
     @staticmethod
@@ -82,7 +89,7 @@ class _FusedCayley(torch.autograd.Function):
         # ∇Yᵀ = Cᵀ Hᵀ - 2 N ∇Hᵀ on whole blocks (contiguous GEMM outputs), then ∇Xᵀ in block 0
         N2 = N * -2.0
         grad_blocks = [torch.bmm(Ct, o).baddbmm_(N2, g) for o, g in zip(outs, grads, strict=True)]
-        torch.sub(grad_M.mT, grad_M, out=grad_blocks[0][..., :r])  # ∇Xᵀ
+        grad_blocks[0][..., :r].copy_(grad_M.mT - grad_M)  # ∇Xᵀ
         return tuple(grad_blocks)
 
 
@@ -135,7 +142,11 @@ def cayley_transposed(blocks: Sequence[torch.Tensor], *, fused: bool = True) -> 
     autocast = torch.is_autocast_enabled(device.type)
     with torch.autocast(device_type=device.type, enabled=False) if autocast else contextlib.nullcontext():
         if fused:
-            outs = _FusedCayley.apply(*(b.reshape(-1, r, b.shape[-1]) for b in work))
+            flat = [b.reshape(-1, r, b.shape[-1]) for b in work]
+            if torch.is_grad_enabled() and any(b.requires_grad for b in flat):
+                outs = _FusedCayley.apply(*flat)
+            else:  # nothing to differentiate: the same forward without the autograd.Function around it
+                outs = _fused_forward(flat)[0]
             outs = [o.reshape(*lead, r, o.shape[-1]) for o in outs]
         else:
             Q = _plain_cayley(torch.cat(work, dim=-1).mT)

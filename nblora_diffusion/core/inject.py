@@ -1,21 +1,23 @@
 """The one injection mechanism: wrap matching nn.Linear modules of any model in NBLoRALinear.
 
-Injection also installs a forward pre-hook on the model that materialises every adapter's factors
-in batched Cayley calls, one per (q, r) shape group, instead of one small call per layer.
+Injection also wraps the model's forward so that every adapter's factors are materialised first, in
+batched Cayley calls, one per (q, r) shape group, instead of one small call per layer.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .bounds import bound_vector, matrix_schatten_norm
+from .cache import FactorCache
 from .cayley import cayley_transposed
 from .config import NBLoRAConfig
-from .layer import NBLoRALinear, gain
+from .layer import Factors, NBLoRALinear, gain
 
 _HOOK_ATTR = "_nblora_materializer"
 
@@ -37,29 +39,37 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def materialize(layers: Iterable[NBLoRALinear]) -> None:
-    """Compute the factors of many adapters with one batched Cayley call per (q, r) shape group.
+def materialize(layers: Sequence[NBLoRALinear]) -> list[Factors]:
+    """The factors of many adapters with one batched Cayley call per (q, r) shape group.
 
-    Layers that need a graph (training) get fresh factors stashed for this forward; frozen or
-    no-grad layers whose cache is missing or stale get it refilled. The per-layer path computes the
-    same values (``NBLoRALinear.compute_factors``).
+    Factors of layers that need a graph (training) carry one; the others are computed without
+    gradients. The per-layer path computes the same values (``NBLoRALinear.compute_factors``).
     """
-    graph, cached = [], []
-    for layer in layers:
-        if layer.merged or layer.scale == 0.0:
-            continue
-        if layer._needs_graph():
-            graph.append(layer)
-        elif not layer.cache_valid():
-            cached.append(layer)
-    if graph:
-        _batched(graph, stash=True)
-    if cached:
-        with torch.no_grad():
-            _batched(cached, stash=False)
+    factors: list = [None] * len(layers)
+    needs_graph = [layer._needs_graph() for layer in layers]
+    for graph in (True, False):
+        members = [i for i, needs in enumerate(needs_graph) if needs == graph]
+        if members:
+            with torch.set_grad_enabled(graph):
+                for i, f in zip(members, _batched([layers[i] for i in members]), strict=True):
+                    factors[i] = f
+    return factors
 
 
-def _batched(layers: list[NBLoRALinear], stash: bool) -> None:
+def _forward_factors(layers: list[NBLoRALinear], cache: FactorCache) -> None:
+    """The pre-forward hook's work: batched factors for every live adapter of the model."""
+    todo = [  # every live adapter, except eval-mode ones whose cached factors are still valid
+        slot
+        for slot, layer in enumerate(layers)
+        if not (layer.merged or layer._skipped() or (layer._caches() and layer._frozen_valid()))
+    ]
+    current: list = [None] * len(layers)
+    for slot, factors in zip(todo, materialize([layers[i] for i in todo]), strict=True):
+        current[slot] = factors
+    cache.begin(current, with_graph=any(layers[i]._needs_graph() for i in todo))
+
+
+def _batched(layers: list[NBLoRALinear]) -> list[Factors]:
     blocks = [layer.cayley_blocks() for layer in layers]  # column blocks of Fᵀ: (r, q_k) each
     groups: dict[tuple, list[tuple[int, int]]] = defaultdict(list)  # (q, r, dtype, device) -> (layer, matrix)
     for i, mats in enumerate(blocks):
@@ -94,19 +104,36 @@ def _batched(layers: list[NBLoRALinear], stash: bool) -> None:
         g = gain(parameterization, bound_vector(s_tilde, p, delta), d)  # (L, r)
         for i, g_i in zip(members, g.unbind(0), strict=True):
             gains[i] = g_i
-    for layer, outs, g in zip(layers, outputs, gains, strict=True):
-        factors = layer.factors_from(outs, g)
-        layer.set_stash(factors) if stash else layer.set_cache(factors)
+    return [layer.factors_from(outs, g) for layer, outs, g in zip(layers, outputs, gains, strict=True)]
 
 
 class _Materializer:
-    def __init__(self) -> None:
+    """Installed as the model's ``forward``: the factors of every adapter first, in batches, then the
+    model's own forward. A forward pre-hook would do the same work in eager mode, but torch.compile runs
+    the hooks of the module it compiles as a graph of their own; inside ``forward`` the batched Cayley
+    calls are traced into the model's one graph."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.inner = model.__dict__.get("forward")  # a forward installed on the instance before us, if any
+        functools.update_wrapper(self, model.forward)  # the signature that callers inspect (Trainer)
         self.layers: list[NBLoRALinear] = []
-        self.handle = None
+        self.cache = FactorCache(0)
         self.configs: list[dict] = []
 
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        materialize(self.layers)
+    def bind(self, layers: list[NBLoRALinear]) -> None:
+        self.layers, self.cache = layers, FactorCache(len(layers))
+        for slot, layer in enumerate(layers):
+            layer.factor_cache, layer.factor_slot = self.cache, slot
+
+    def __call__(self, *args, **kwargs):
+        _forward_factors(self.layers, self.cache)
+        try:
+            if self.inner is not None:
+                return self.inner(*args, **kwargs)
+            return type(self.model).forward(self.model, *args, **kwargs)
+        finally:
+            self.cache.end()
 
 
 def inject_nblora(model: nn.Module, config: NBLoRAConfig) -> list[str]:
@@ -163,10 +190,10 @@ def inject_nblora(model: nn.Module, config: NBLoRAConfig) -> list[str]:
         replaced.append(name)
     hook = getattr(model, _HOOK_ATTR, None)
     if hook is None:
-        hook = _Materializer()
-        hook.handle = model.register_forward_pre_hook(hook)
+        hook = _Materializer(model)
+        model.forward = hook
         object.__setattr__(model, _HOOK_ATTR, hook)
-    hook.layers = [layer for _, layer in nblora_layers(model)]
+    hook.bind([layer for _, layer in nblora_layers(model)])
     hook.configs.append(config.to_dict())
     return replaced
 
@@ -177,7 +204,7 @@ def injected_configs(model: nn.Module) -> list[dict]:
 
 
 def unload_nblora(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Put plain nn.Linear layers back (with the update merged in if ``merge``) and remove the hook."""
+    """Put plain nn.Linear layers back (with the update merged in if ``merge``) and the model's forward."""
     for name, layer in list(nblora_layers(model)):
         if merge and not layer.merged:
             layer.merge()
@@ -186,7 +213,12 @@ def unload_nblora(model: nn.Module, merge: bool = True) -> nn.Module:
         _set_submodule(model, name, layer.base_layer)
     hook = getattr(model, _HOOK_ATTR, None)
     if hook is not None:
-        hook.handle.remove()
+        if model.__dict__.get("forward") is hook:
+            del model.forward
+            if hook.inner is not None:
+                model.forward = hook.inner
+        else:  # another wrapper (e.g. accelerate's autocast) was installed over ours: ours stays a no-op
+            hook.bind([])
         object.__delattr__(model, _HOOK_ATTR)
     return model
 

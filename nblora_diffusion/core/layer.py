@@ -15,11 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bounds import bound_vector, check_delta, fit_bound, parse_p, project_to_ball, s_tilde_for, schatten_norm
+from .cache import FactorCache, Frozen, watch_optimizer_steps
 from .cayley import cayley_sign_flip, cayley_transposed, inverse_cayley
 
 PARAMETERIZATIONS = ("I", "II")
 
 Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # P_in (n, r), P_out (m, r), g (r,)
+
+
+def _forget_after_load(layer: NBLoRALinear, incompatible_keys) -> None:
+    layer.forget_factors()  # load_state_dict post-hook: the tensors hold new values
 
 
 def gain(parameterization: str, s: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,29 +79,18 @@ class NBLoRALinear(nn.Module):
             self.nblora_d = nn.Parameter(torch.zeros(rank, **kw))  # d̃ (r,): d = 0 -> W = 0
         self.nblora_s = nn.Parameter(torch.zeros(rank, **kw))  # s̃ (r,): uniform split of δ
         self.merged = False
-        self._scale = 1.0
-        self._stash: tuple | None = None  # factors with a graph, set by the model-level batched pass
-        self._cache: tuple | None = None  # detached factors for no-grad forwards
-        self._apply_cache: tuple | None = None  # factors cast/scaled for one dtype
+        self._scale = 1.0  # the slider, read by eager code; the buffer is its copy for compiled graphs
+        # (a tensor whose value changes never makes torch.compile recompile; a Python float would)
+        self.register_buffer("nblora_scale", torch.tensor(1.0, **kw), persistent=False)
+        self.factor_cache, self.factor_slot = FactorCache(1), 0  # inject_nblora shares one per model
+        self.register_load_state_dict_post_hook(_forget_after_load)
+        watch_optimizer_steps()
+        self.train(base_layer.training)  # an adapter injected into a model in eval mode starts in eval mode
 
     # -- factors --------------------------------------------------------------------------------
     @property
     def delta(self) -> float:
         return float(self.nblora_delta)
-
-    def _key(self) -> tuple:
-        """Identity of the free tensors' current values: versions, storages, dtype and device.
-
-        Called per layer and forward, so it reads ``_parameters``/``_buffers`` directly. Inference
-        tensors (made under ``torch.inference_mode``) track no version: their key never matches,
-        so factors are recomputed on every forward instead of going stale.
-        """
-        tensors = (*self._parameters.values(), self._buffers["nblora_delta"])
-        try:
-            versions = tuple([t._version for t in tensors])
-        except RuntimeError:
-            versions = object()
-        return versions, tuple([t.data_ptr() for t in tensors]), tensors[0].dtype, tensors[0].device
 
     def cayley_blocks(self) -> list[tuple[torch.Tensor, ...]]:
         """Each tall matrix F this layer sends through the Cayley transform, as column blocks of Fᵀ.
@@ -135,34 +129,53 @@ class NBLoRALinear(nn.Module):
     def compute_factors(self) -> Factors:
         return self.factors_from([cayley_transposed(b) for b in self.cayley_blocks()])
 
-    # The factor slots hold plain tuples, never parameters or modules, and are written per layer and
-    # forward: object.__setattr__ skips nn.Module.__setattr__'s registry checks (~10 µs a call).
-    def set_stash(self, factors: Factors) -> None:
-        object.__setattr__(self, "_stash", (self._key(), factors))
-
-    def set_cache(self, factors: Factors) -> None:
-        object.__setattr__(self, "_cache", (self._key(), tuple(f.detach() for f in factors)))
-
     def _needs_graph(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self._parameters.values())
 
-    def cache_valid(self) -> bool:
-        return self._cache is not None and self._cache[0] == self._key()
+    def _skipped(self) -> bool:
+        """Scale 0 gives the base model: eager code skips the update (compiled graphs keep it, at 0,
+        so that moving the slider does not recompile them)."""
+        return not torch.compiler.is_compiling() and self._scale == 0.0
+
+    def _caches(self) -> bool:
+        """Whether this forward may use the frozen (eval-mode, no-grad, eager) factors."""
+        return not self.training and not torch.compiler.is_compiling() and not self._needs_graph()
+
+    def _stamp(self) -> tuple | None:
+        return FactorCache.stamp((*self._parameters.values(), self._buffers["nblora_delta"]))
+
+    def _frozen_valid(self) -> bool:
+        return self.factor_cache.frozen_entry(self.factor_slot, self._stamp()) is not None
+
+    def _frozen(self) -> Frozen:
+        cache, slot = self.factor_cache, self.factor_slot
+        stamp = self._stamp()
+        entry = cache.frozen_entry(slot, stamp)
+        if entry is None:
+            with torch.no_grad():
+                current = cache.current_factors(slot)
+                factors = current if current is not None else self.compute_factors()
+            entry = Frozen(stamp, tuple(f.detach() for f in factors))
+            cache.store(slot, entry)
+        return entry
+
+    def forget_factors(self) -> None:
+        """Drop the cached factors: needed only after editing the adapter's tensors through ``.data``."""
+        self.factor_cache.forget(self.factor_slot)
+
+    def train(self, mode: bool = True) -> NBLoRALinear:
+        self.forget_factors()  # parameters may have been edited in any way while in the other mode
+        return super().train(mode)
 
     def factors(self) -> Factors:
-        """Current factors: from the batched pass, from the no-grad cache, or computed here."""
-        if self._needs_graph():
-            # a graph forward precedes an optimizer step, and fused optimizers (the transformers
-            # Trainer's default adamw_torch_fused) update parameters without bumping _version
-            object.__setattr__(self, "_cache", None)
-            object.__setattr__(self, "_apply_cache", None)
-            if self._stash is not None and self._stash[0] == self._key():
-                return self._stash[1]
+        """Current factors (P_in, P_out, g): from the model's batched pass for this forward, from the
+        eval-mode cache, or computed here (see ``core/cache.py`` for when each applies)."""
+        if self._caches():
+            return self._frozen().factors
+        factors = self.factor_cache.current_factors(self.factor_slot)
+        if factors is None or (self._needs_graph() and not any(f.requires_grad for f in factors)):
             return self.compute_factors()
-        if not self.cache_valid():
-            with torch.no_grad():
-                self.set_cache(self.compute_factors())
-        return self._cache[1]
+        return factors
 
     # -- public API -----------------------------------------------------------------------------
     @property
@@ -177,10 +190,15 @@ class NBLoRALinear(nn.Module):
             raise ValueError(f"scale must be a finite number >= 0, got {value}")
         if self.merged:
             self.unmerge()
-            self._scale = value
+            self._set_scale(value)
             self.merge()
         else:
-            self._scale = value
+            self._set_scale(value)
+
+    def _set_scale(self, value: float) -> None:
+        self._scale = value
+        with torch.no_grad():
+            self.nblora_scale.fill_(value)
 
     def bound_vector_unscaled(self) -> torch.Tensor:
         return bound_vector(self.nblora_s, self.p, self.nblora_delta)
@@ -212,27 +230,32 @@ class NBLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        if self.merged or self._scale == 0.0:
+        if self.merged or self._skipped():
             return y
-        if self._needs_graph():
-            P_in, P_out, g = self.factors()
-            dtype = (
-                torch.get_autocast_dtype(x.device.type)
-                if torch.is_autocast_enabled(x.device.type)
-                else x.dtype
-            )
-            h = F.linear(self.dropout(x), P_in.mT.to(dtype))  # (..., n) @ (n, r) -> (..., r)
-            return y + F.linear(h, (P_out * (g * self._scale)).to(dtype))  # (..., r) @ (r, m) -> (..., m)
-        P_in_t, P_out_g = self._applied(x.dtype)
-        return y + F.linear(F.linear(x, P_in_t), P_out_g)
+        if self._caches():
+            P_in_t, P_out_g = self._applied(x.dtype)
+            return y + F.linear(F.linear(x, P_in_t), P_out_g)
+        P_in, P_out, g = self.factors()
+        dtype = (
+            torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        )
+        h = F.linear(self.dropout(x), P_in.mT.to(dtype))  # (..., n) @ (n, r) -> (..., r)
+        return y + F.linear(h, (P_out * (g * self.nblora_scale)).to(dtype))  # (..., r) @ (r, m) -> (..., m)
 
     def _applied(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached (P_inᵀ, P_out·g·scale) in the input dtype: two matmuls per inference forward."""
-        key = (self._key(), dtype, self._scale)
-        if self._apply_cache is None or self._apply_cache[0] != key or not self.cache_valid():
-            P_in, P_out, g = self.factors()
-            self._apply_cache = (key, P_in.mT.to(dtype).contiguous(), (P_out * (g * self._scale)).to(dtype))
-        return self._apply_cache[1], self._apply_cache[2]
+        entry = self._frozen()
+        if entry.applied is None or entry.applied[:2] != (dtype, self._scale):
+            P_in, P_out, g = entry.factors
+            applied = (
+                dtype,
+                self._scale,
+                P_in.mT.to(dtype).contiguous(),
+                (P_out * (g * self._scale)).to(dtype),
+            )
+            entry = entry._replace(applied=applied)
+            self.factor_cache.store(self.factor_slot, entry)
+        return entry.applied[2], entry.applied[3]
 
     def extra_repr(self) -> str:
         p = "inf" if math.isinf(self.p) else f"{self.p:g}"
@@ -293,6 +316,7 @@ class NBLoRALinear(nn.Module):
             self.nblora_V.copy_(inverse_cayley(V * sign_v))
             self.nblora_d.copy_(sigma * sign_u * sign_v)
         self.nblora_s.copy_(s_tilde_for(s, p))
+        self.forget_factors()
         new = (U * sigma) @ V.mT
         change = float(torch.linalg.matrix_norm(new - W64) / torch.linalg.matrix_norm(W64).clamp(min=1e-300))
         return {"norm": norm_all, "bound": delta, "relative_change": change}

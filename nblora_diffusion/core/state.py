@@ -51,6 +51,8 @@ def load_nblora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     with torch.no_grad():
         for key, value in state_dict.items():
             own[key].copy_(value.to(own[key].device))
+    for _, layer in nblora_layers(model):
+        layer.forget_factors()
 
 
 def atomic_save_safetensors(

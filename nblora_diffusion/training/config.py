@@ -21,6 +21,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 REPORT_TO = ("tensorboard", "none")
 TARGET_PRESETS = ("attn", "wide")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+SKELETON_NAMES = ("sd15", "sd21-base", "sd21-v", "sdxl-base")  # diffusion.single_file.SKELETONS
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
@@ -32,7 +34,16 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 class TrainConfig:
     # -- model and data ------------------------------------------------------------------------------
     pretrained_model_name_or_path: str = _opt(
-        DEFAULT_MODEL, "hub id or local diffusers folder (SD1.x/2.x/SDXL)"
+        DEFAULT_MODEL, "hub id, local diffusers folder or single .safetensors file (SD1.x/2.x/SDXL)"
+    )
+    base_model_config: str | None = _opt(
+        None,
+        "configs of a single-file base model: a shipped skeleton (" + ", ".join(SKELETON_NAMES) + ") or a "
+        "diffusers folder (default: inferred from the file's keys)",
+    )
+    allow_ckpt: bool = _opt(False, "accept a pickled .ckpt base model (torch's weights-only loader)")
+    pretrained_vae_model_name_or_path: str | None = _opt(
+        None, "another VAE: hub id, diffusers VAE folder or single .safetensors file (e.g. an fp16-safe VAE)"
     )
     instance_data_dir: str | None = _opt(None, "folder with the 3-30 subject photos (JPEG/PNG/WebP)")
     instance_prompt: str | None = _opt(None, 'prompt naming the subject, e.g. "a photo of sks dog"')
@@ -67,12 +78,27 @@ class TrainConfig:
     adam_weight_decay: float = _opt(1e-2, "AdamW weight decay")
     adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 disables)")
-    use_8bit_adam: bool = _opt(False, "8-bit AdamW from bitsandbytes (pip install bitsandbytes)")
+    optimizer: str = _opt(
+        "adamw",
+        "adamw (torch), adamw8bit (pip install bitsandbytes) or prodigy (pip install prodigyopt; "
+        "use --learning_rate 1.0)",
+        choices=OPTIMIZERS,
+    )
+    use_8bit_adam: bool = _opt(False, "alias of --optimizer adamw8bit")
     mixed_precision: str = _opt("no", "autocast precision; fp16 needs a GPU", choices=MIXED_PRECISION)
     allow_tf32: bool = _opt(False, "allow TF32 matmuls on Ampere+ GPUs")
     gradient_checkpointing: bool = _opt(False, "trade compute for memory in the UNet (and text encoder)")
     snr_gamma: float | None = _opt(None, "Min-SNR loss weighting gamma (5.0 is the usual value)")
     train_text_encoder: bool = _opt(False, "also adapt the text encoder(s)")
+    noise_offset: float = _opt(0.0, "noise += offset * randn(B, C, 1, 1): brighter/darker images (0.05-0.1)")
+    cache_latents: bool = _opt(
+        False,
+        "encode the images once (both flips with --random_flip; random crops of non-square photos need "
+        "--center_crop), then move the VAE off the accelerator",
+    )
+    cache_text_embeddings: bool = _opt(
+        False, "encode the prompts once, then move the frozen text encoder(s) off the accelerator"
+    )
     # -- adapter --------------------------------------------------------------------------------------
     adapter: str = _opt("nblora", "nblora, or a PEFT baseline on the same targets and rank", choices=ADAPTERS)
     rank: int = _opt(4, "adapter rank r")
@@ -109,6 +135,9 @@ class TrainConfig:
     export_kohya: bool = _opt(False, "also write a kohya-format LoRA file")
     demo: bool = _opt(False, "offline demo: tiny built-in model, bundled dog photos, a few dozen steps")
     local_rank: int = _opt(-1, "set by torch.distributed launchers")
+    estimate_memory: bool = _opt(
+        False, "print the expected peak GPU memory of these settings (no GPU, no weights) and exit"
+    )
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -158,6 +187,8 @@ class TrainConfig:
             if value is not None and (not _finite(value) or value <= 0):
                 fail(f"--{name} must be a finite number > 0, got {value!r}")
         if not _finite(self.adapter_dropout) or not 0 <= self.adapter_dropout < 1:
+        if not _finite(self.noise_offset) or self.noise_offset < 0:
+            fail(f"--noise_offset must be a finite number >= 0, got {self.noise_offset!r}")
             fail(f"--adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
         if self.bernoulli_p is not None and (not _finite(self.bernoulli_p) or not 0 < self.bernoulli_p < 1):
             fail(f"--bernoulli_p must be in (0, 1), got {self.bernoulli_p!r}")
@@ -177,6 +208,18 @@ class TrainConfig:
         if self.text_encoder_rank is not None and not self.train_text_encoder:
             fail("--text_encoder_rank needs --train_text_encoder")
         if self.text_encoder_norm_bound is not None and not self.train_text_encoder:
+        if self.use_8bit_adam:  # the old flag: an alias that must not contradict --optimizer
+            if self.optimizer not in ("adamw", "adamw8bit"):
+                fail(f"--use_8bit_adam contradicts --optimizer {self.optimizer}")
+            object.__setattr__(self, "optimizer", "adamw8bit")
+        if self.cache_text_embeddings and self.train_text_encoder:
+            fail("--cache_text_embeddings needs frozen text encoders: drop it or --train_text_encoder")
+        single_file = str(self.pretrained_model_name_or_path).lower().endswith((".safetensors", ".ckpt"))
+        if self.base_model_config is not None and not (single_file or self.estimate_memory):
+            fail(
+                "--base_model_config applies to a single-file --pretrained_model_name_or_path "
+                "(or to --estimate_memory)"
+            )
             fail("--text_encoder_norm_bound needs --train_text_encoder")
         if self.adapter != "nblora" and self.parameterization != "II":
             fail(f"--parameterization applies to --adapter nblora, not {self.adapter}")

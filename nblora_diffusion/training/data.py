@@ -121,7 +121,8 @@ class DreamBoothDataset(Dataset):
     """Instance photos (and class images for prior preservation), resized, cropped and flipped.
 
     Items: pixel_values (3, S, S) in [-1, 1], is_class, original_size (h, w) before cropping and
-    crop_top_left (top, left) — the last two are SDXL's micro-conditioning.
+    crop_top_left (top, left) — SDXL's micro-conditioning — and latent_key (kind, index, flipped),
+    which names the variant for a latent cache (``latent_variants``).
     """
 
     def __init__(
@@ -150,26 +151,51 @@ class DreamBoothDataset(Dataset):
     def __len__(self) -> int:
         return max(len(self.instance), len(self.classes))
 
-    def _example(self, image: Image.Image, g: torch.Generator) -> dict:
+    def _center(self, image: Image.Image) -> tuple[int, int]:
+        w, h = image.size
+        return max(0, round((h - self.size) / 2)), max(0, round((w - self.size) / 2))
+
+    def _pixels(self, image: Image.Image, top: int, left: int, flip: bool) -> torch.Tensor:
+        image = TF.crop(image, top, left, self.size, self.size)
+        if flip:
+            image = TF.hflip(image)
+        return TF.normalize(TF.to_tensor(image), [0.5], [0.5])  # (3, S, S) in [-1, 1]
+
+    def _example(self, image: Image.Image, g: torch.Generator, kind: str, index: int) -> dict:
         w, h = image.size
         s = self.size
         if self.center_crop:
-            top, left = max(0, round((h - s) / 2)), max(0, round((w - s) / 2))
+            top, left = self._center(image)
         else:
             top = int(torch.randint(0, h - s + 1, (), generator=g))
             left = int(torch.randint(0, w - s + 1, (), generator=g))
-        image = TF.crop(image, top, left, s, s)
-        if self.random_flip and bool(torch.rand((), generator=g) < 0.5):
-            image = TF.hflip(image)
-        pixels = TF.normalize(TF.to_tensor(image), [0.5], [0.5])  # (3, S, S) in [-1, 1]
-        return {"pixel_values": pixels, "original_size": (h, w), "crop_top_left": (top, left)}
+        flip = self.random_flip and bool(torch.rand((), generator=g) < 0.5)
+        return {
+            "pixel_values": self._pixels(image, top, left, flip),
+            "original_size": (h, w),
+            "crop_top_left": (top, left),
+            "latent_key": (kind, index, flip),
+        }
 
     def __getitem__(self, index: int) -> dict:
         g = item_generator(self.seed, self.epoch, index)
-        out = {"instance": self._example(self.instance[index % len(self.instance)], g)}
+        i = index % len(self.instance)
+        out = {"instance": self._example(self.instance[i], g, "instance", i)}
         if self.classes:
-            out["class"] = self._example(self.classes[index % len(self.classes)], g)
+            j = index % len(self.classes)
+            out["class"] = self._example(self.classes[j], g, "class", j)
         return out
+
+    def latent_variants(self) -> Iterator[tuple[tuple[str, int, bool], torch.Tensor]]:
+        """(latent_key, pixels (3, S, S)) of every image variant an epoch can draw: each image, flipped
+        and not with ``random_flip``. Random crops must be unique (square images or ``center_crop``)."""
+        for kind, images in (("instance", self.instance), ("class", self.classes)):
+            for i, image in enumerate(images):
+                if not self.center_crop and image.size[0] != image.size[1]:
+                    raise ValueError(f"{kind} image {i} is not square: its random crops have many latents")
+                top, left = self._center(image)  # (0, 0), the only random crop, for a square image
+                for flip in (False, True) if self.random_flip else (False,):
+                    yield (kind, i, flip), self._pixels(image, top, left, flip)
 
 
 def collate(examples: list[dict]) -> dict:
@@ -179,6 +205,7 @@ def collate(examples: list[dict]) -> dict:
         "pixel_values": torch.stack([p["pixel_values"] for p in parts]).contiguous(),
         "original_size": torch.tensor([p["original_size"] for p in parts]),
         "crop_top_left": torch.tensor([p["crop_top_left"] for p in parts]),
+        "latent_keys": [p["latent_key"] for p in parts],
         "num_instance": len(examples),
     }
 

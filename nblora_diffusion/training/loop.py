@@ -7,7 +7,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ from PIL import Image
 from .. import diffusion
 from . import checkpoint as ckpt
 from .adapters import TEXT_COMPONENTS, AdapterSetup, add_adapters, layer_norms
+from .caching import LatentCache, VAELatents, check_latent_cache, offload, onloaded
 from .config import TrainConfig
 from .logs import RunLog, plot_norms
 from .losses import dreambooth_loss
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 
 OOM_HINT = (
     "reduce memory with --gradient_checkpointing, --mixed_precision fp16 (GPU), --train_batch_size 1, "
-    "--use_8bit_adam, or a smaller --resolution / --rank"
+    "--cache_latents, --cache_text_embeddings, --optimizer adamw8bit, or a smaller --resolution / --rank "
+    "(--estimate_memory tells the peak without a GPU)"
 )
 
 
@@ -79,6 +81,7 @@ class Run:
     data_seed: int
     global_step: int = 0
     last_checkpoint: Path | None = None
+    offloaded: list = field(default_factory=list)  # cached-away VAE / text encoders, back for validation
 
 
 # -- steps inside the loop ----------------------------------------------------------------------------
@@ -118,16 +121,17 @@ def validate(run: Run, runlog: RunLog, callbacks: TrainCallbacks) -> None:
     cfg = run.config
     if not cfg.validation_prompt or not run.accelerator.is_main_process:
         return
-    images = generate(
-        run.pipe,
-        cfg.validation_prompt,
-        cfg.num_validation_images,
-        cfg.validation_inference_steps,
-        run.resolution,
-        cfg.seed or 0,
-        cfg.num_validation_images,
-        run.sdxl,
-    )
+    with onloaded(run.offloaded, run.accelerator.device):
+        images = generate(
+            run.pipe,
+            cfg.validation_prompt,
+            cfg.num_validation_images,
+            cfg.validation_inference_steps,
+            run.resolution,
+            cfg.seed or 0,
+            cfg.num_validation_images,
+            run.sdxl,
+        )
     runlog.images(run.global_step, images)
     if callbacks.on_validation:
         callbacks.on_validation(run.global_step, images)
@@ -178,6 +182,8 @@ def train(
         warn_small(photos, resolution, config)
         sdxl = diffusion.is_sdxl(pipe)
         classes = class_photos(config, pipe, resolution, sdxl, data_seed, accelerator)
+        if config.cache_latents:
+            check_latent_cache(photos, classes, resolution, config.center_crop)
         setup = add_adapters(pipe, config)
         prepare_output(config, out, accelerator)  # the first write to --output_dir: every check has passed
         write_run_config(config, out, resume, accelerator)
@@ -215,6 +221,7 @@ class Parts:
     lr_scheduler: object
     noise_scheduler: object
     prompts: PromptEncoder
+    latents_of: object  # batch -> latents: caching.VAELatents or caching.LatentCache
 
 
 def build(run: Run, photos, classes, resume: Path | None) -> Parts:
@@ -234,6 +241,14 @@ def build(run: Run, photos, classes, resume: Path | None) -> Parts:
     )
     optimizer = make_optimizer(cfg, setup.trainable_parameters(), acc.num_processes)
     loader, sampler = make_dataloader(cfg, photos, classes, run.resolution, run.data_seed)
+    latents_of = VAELatents(pipe.vae)
+    if cfg.cache_text_embeddings:
+        prompts.precompute()
+        run.offloaded += prompts.encoders
+    if cfg.cache_latents:
+        latents_of = LatentCache.build(pipe.vae, loader.dataset, acc.device)
+        run.offloaded.append(pipe.vae)
+    offload(run.offloaded, acc.device)
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler,
         optimizer,
@@ -265,7 +280,17 @@ def build(run: Run, photos, classes, resume: Path | None) -> Parts:
         if acc.is_main_process:
             log.info("resumed from %s at step %d", resume, run.global_step)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    return Parts(models, prepared["unet"], optimizer, loader, sampler, lr_scheduler, noise_scheduler, prompts)
+    return Parts(
+        models,
+        prepared["unet"],
+        optimizer,
+        loader,
+        sampler,
+        lr_scheduler,
+        noise_scheduler,
+        prompts,
+        latents_of,
+    )
 
 
 def fit(
@@ -300,7 +325,7 @@ def fit(
                     loss = dreambooth_loss(
                         batch,
                         parts.unet,
-                        run.pipe.vae,
+                        parts.latents_of,
                         parts.noise_scheduler,
                         parts.prompts,
                         run.resolution,
@@ -309,6 +334,7 @@ def fit(
                         cfg.snr_gamma,
                     )
                     check_finite(acc, loss, run)
+                        noise_offset=cfg.noise_offset,
                     micro_losses.append(loss.detach())
                     acc.backward(loss)
                     if acc.sync_gradients:

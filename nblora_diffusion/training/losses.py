@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -11,27 +13,31 @@ from .text import PromptEncoder, time_ids
 def dreambooth_loss(
     batch: dict,
     unet,
-    vae,
+    latents_of: Callable[[dict], torch.Tensor],
     noise_scheduler,
     prompts: PromptEncoder,
     resolution: int,
     weight_dtype: torch.dtype,
     prior_loss_weight: float = 1.0,
     snr_gamma: float | None = None,
+    noise_offset: float = 0.0,
 ) -> torch.Tensor:
     """Mean noise-prediction error on the instance half plus ``prior_loss_weight`` × the class half.
 
-    The batch holds instance examples first and class examples after them (``collate``). Every
-    random draw (VAE posterior sample, noise, timesteps) comes from the global RNG, which
-    checkpoints save and restore.
+    The batch holds instance examples first and class examples after them (``collate``);
+    ``latents_of(batch)`` gives their scaled VAE latents (``caching.VAELatents`` or ``LatentCache``).
+    Every random draw (VAE posterior sample, noise, noise offset, timesteps) comes from the global RNG,
+    which checkpoints save and restore. ``noise_offset`` adds offset·randn(B, C, 1, 1) to the noise (a
+    per-channel shift that lets the model learn overall brightness); 0 draws nothing.
     """
-    device = next(vae.parameters()).device
-    pixels = batch["pixel_values"].to(device, vae.dtype)
-    with torch.no_grad():
-        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor  # (B, 4, S/8, S/8)
-    latents = latents.to(weight_dtype)
+    latents = latents_of(batch).to(weight_dtype)  # (B, 4, S/8, S/8)
+    device = latents.device
     noise = torch.randn_like(latents)
     bsz = latents.shape[0]
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(
+            (bsz, latents.shape[1], 1, 1), device=device, dtype=latents.dtype
+        )
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=device).long()
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
 

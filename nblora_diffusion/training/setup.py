@@ -13,8 +13,11 @@ import torch
 
 from .. import diffusion
 from . import checkpoint as ckpt
+from .caching import load_vae
 from .config import TrainConfig
 from .data import DreamBoothDataset, EpochSampler, Photo, collate, load_photos
+from .optim import check_optimizer
+from .optim import make_optimizer as build_optimizer
 from .outputs import CONFIG_FILE, clear_previous_run, previous_run
 from .sampling import ensure_class_images
 
@@ -31,11 +34,7 @@ def check_inputs(config: TrainConfig) -> tuple[Path, Path | None, list[Photo]]:
         raise ValueError("--instance_prompt is required")
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
-    if config.use_8bit_adam:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+    check_optimizer(config.optimizer)  # a missing bitsandbytes / prodigyopt: one line, nothing written
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output_dir {out} is a file")
@@ -81,7 +80,16 @@ def load_base(config: TrainConfig, accelerator) -> tuple[object, torch.dtype, in
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         config.mixed_precision
     ]
-    pipe = diffusion.load_pipeline(config.pretrained_model_name_or_path, weight_dtype, accelerator.device)
+    pipe = diffusion.load_pipeline(
+        config.pretrained_model_name_or_path,
+        weight_dtype,
+        accelerator.device,
+        config=config.base_model_config,
+        allow_ckpt=config.allow_ckpt,
+    )
+    if config.pretrained_vae_model_name_or_path:
+        vae = load_vae(config.pretrained_vae_model_name_or_path, pipe.vae, pipe.unet.config.in_channels)
+        pipe.register_modules(vae=vae.to(accelerator.device))
     if pipe.vae.dtype != torch.float32:
         # the frozen VAE stays in float32 (SDXL's overflows in fp16); nn.Module.to, because diffusers' own
         # `to` warns about an empty list of float32 modules on every cast
@@ -140,13 +148,8 @@ def make_optimizer(config: TrainConfig, params: list, num_processes: int):
     lr = config.learning_rate
     if config.scale_lr:
         lr *= config.gradient_accumulation_steps * config.train_batch_size * num_processes
-    if config.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        cls = bnb.optim.AdamW8bit
-    else:
-        cls = torch.optim.AdamW
-    return cls(
+    return build_optimizer(
+        config.optimizer,
         params,
         lr=lr,
         betas=(config.adam_beta1, config.adam_beta2),

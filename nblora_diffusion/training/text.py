@@ -67,6 +67,12 @@ class PromptEncoder:
                 self._cache = encode(self.encoders, self.ids, self.sdxl)
         return self._cache
 
+    def precompute(self) -> None:
+        """Encode the prompts now (frozen encoders only), so that the encoders may leave the device."""
+        if self.train_text:
+            raise ValueError("the text encoders train: their embeddings change every step")
+        self._both()
+
     def __call__(self, num_instance: int, num_class: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embeddings for a batch of ``num_instance`` instance then ``num_class`` class examples."""
         embeds, pooled = self._both()
