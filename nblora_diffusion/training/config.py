@@ -88,6 +88,7 @@ class TrainConfig:
     mixed_precision: str = _opt("no", "autocast precision; fp16 needs a GPU", choices=MIXED_PRECISION)
     allow_tf32: bool = _opt(False, "allow TF32 matmuls on Ampere+ GPUs")
     gradient_checkpointing: bool = _opt(False, "trade compute for memory in the UNet (and text encoder)")
+    compile: bool = _opt(False, "torch.compile the UNet (and trained text encoders) for the training steps")
     snr_gamma: float | None = _opt(None, "Min-SNR loss weighting gamma (5.0 is the usual value)")
     train_text_encoder: bool = _opt(False, "also adapt the text encoder(s)")
     noise_offset: float = _opt(0.0, "noise += offset * randn(B, C, 1, 1): brighter/darker images (0.05-0.1)")

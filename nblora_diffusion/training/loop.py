@@ -261,6 +261,8 @@ def build(run: Run, photos, classes, resume: Path | None) -> Parts:
         *setup.models.values(), optimizer, loader, lr_scheduler
     )
     prepared = dict(zip(setup.models, models, strict=True))
+    if cfg.compile:  # the training forwards only; validation and saving use the modules themselves
+        prepared = {name: torch.compile(model) for name, model in prepared.items()}
     if acc.num_processes > 1 and acc.is_main_process:
         log.info("data-parallel training on %d processes (%s)", acc.num_processes, acc.distributed_type.value)
     if cfg.train_text_encoder:  # gradients must flow through the prepared (possibly DDP-wrapped) encoders

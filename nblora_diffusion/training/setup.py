@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -35,6 +37,8 @@ def check_inputs(config: TrainConfig) -> tuple[Path, Path | None, list[Photo]]:
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
     check_optimizer(config.optimizer)  # a missing bitsandbytes / prodigyopt: one line, nothing written
+    if config.compile:
+        check_compile("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output_dir {out} is a file")
@@ -54,6 +58,22 @@ def check_inputs(config: TrainConfig) -> tuple[Path, Path | None, list[Photo]]:
         )
     photos = load_photos(config.instance_data_dir, config.resolution, "instance")
     return out, resume, photos
+
+
+def check_compile(device_type: str) -> None:
+    """--compile needs torch.compile with a working backend here: a one-line error says what is missing."""
+    if not hasattr(torch, "compile") or not torch._dynamo.is_dynamo_supported():
+        raise ValueError(
+            f"--compile needs torch.compile, which torch {torch.__version__} does not support on this "
+            f"platform (Python {sys.version_info.major}.{sys.version_info.minor}); drop --compile"
+        )
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ValueError("--compile on a GPU needs triton (pip install triton); drop --compile")
+    elif not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c):
+        raise ValueError("--compile on the CPU needs a C++ compiler (g++ or clang++); drop --compile")
 
 
 def make_accelerator(config: TrainConfig, out: Path):
