@@ -50,7 +50,9 @@ def config(out: Path, **changes) -> TrainConfig:
 
 def trained(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     result = train(cfg)
-    return load_file(str(result.output_dir / f"checkpoint-{cfg.max_train_steps}" / "training_state.safetensors"))
+    return load_file(
+        str(result.output_dir / f"checkpoint-{cfg.max_train_steps}" / "training_state.safetensors")
+    )
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -85,7 +87,9 @@ def test_cached_latents_train_the_same_adapter_as_encoding_every_step(uncached, 
         classmethod(lambda cls, *a, **k: built.append(original(cls, *a, **k)) or built[-1]),
     )
     cached = trained(config(tmp_path / "out", cache_latents=True))
-    assert len(built) == 1 and len(built[0].moments) == 2 * len(list(DOG.iterdir())), "both flips of each photo"
+    assert len(built) == 1 and len(built[0].moments) == 2 * len(list(DOG.iterdir())), (
+        "both flips of each photo"
+    )
     init = trained(config(tmp_path / "zero", max_train_steps=1, checkpointing_steps=1, learning_rate=1e-12))
     moved = max(float((uncached[k] - init[k]).abs().max()) for k in init)
     assert moved > 1e-3, "training moved nothing: the comparison would be vacuous"
@@ -120,7 +124,9 @@ def test_cached_latents_refuse_random_crops_of_a_non_square_photo(tmp_path):
         Image.new("RGB", (48 + 16 * (i == 1), 48), (40 * i, 90, 200)).save(photos / f"{i}.png")
     out = tmp_path / "out"
     cfg = config(out, instance_data_dir=str(photos), cache_latents=True)
-    with pytest.raises(ValueError, match=r"--cache_latents with random crops: 1\.png \(64x48\).*--center_crop") as e:
+    with pytest.raises(
+        ValueError, match=r"--cache_latents with random crops: 1\.png \(64x48\).*--center_crop"
+    ) as e:
         train(cfg)
     assert "\n" not in str(e.value) and not out.exists(), "nothing may be written for bad input"
     assert train(cfg.replace(center_crop=True, max_train_steps=1, checkpointing_steps=1)).final_step == 1

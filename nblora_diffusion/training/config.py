@@ -90,7 +90,6 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "trade compute for memory in the UNet (and text encoder)")
     compile: bool = _opt(False, "torch.compile the UNet (and trained text encoders) for the training steps")
     snr_gamma: float | None = _opt(None, "Min-SNR loss weighting gamma (5.0 is the usual value)")
-    train_text_encoder: bool = _opt(False, "also adapt the text encoder(s)")
     noise_offset: float = _opt(0.0, "noise += offset * randn(B, C, 1, 1): brighter/darker images (0.05-0.1)")
     cache_latents: bool = _opt(
         False,
@@ -100,6 +99,7 @@ class TrainConfig:
     cache_text_embeddings: bool = _opt(
         False, "encode the prompts once, then move the frozen text encoder(s) off the accelerator"
     )
+    train_text_encoder: bool = _opt(False, "also adapt the text encoder(s)")
     # -- adapter --------------------------------------------------------------------------------------
     adapter: str = _opt("nblora", "nblora, or a PEFT baseline on the same targets and rank", choices=ADAPTERS)
     rank: int = _opt(4, "adapter rank r")
@@ -135,10 +135,10 @@ class TrainConfig:
     norm_logging_steps: int = _opt(1, "log per-layer norm ratios every N steps")
     export_kohya: bool = _opt(False, "also write a kohya-format LoRA file")
     demo: bool = _opt(False, "offline demo: tiny built-in model, bundled dog photos, a few dozen steps")
-    local_rank: int = _opt(-1, "set by torch.distributed launchers")
     estimate_memory: bool = _opt(
         False, "print the expected peak GPU memory of these settings (no GPU, no weights) and exit"
     )
+    local_rank: int = _opt(-1, "set by torch.distributed launchers")
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -187,9 +187,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not _finite(value) or value <= 0):
                 fail(f"--{name} must be a finite number > 0, got {value!r}")
-        if not _finite(self.adapter_dropout) or not 0 <= self.adapter_dropout < 1:
         if not _finite(self.noise_offset) or self.noise_offset < 0:
             fail(f"--noise_offset must be a finite number >= 0, got {self.noise_offset!r}")
+        if not _finite(self.adapter_dropout) or not 0 <= self.adapter_dropout < 1:
             fail(f"--adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
         if self.bernoulli_p is not None and (not _finite(self.bernoulli_p) or not 0 < self.bernoulli_p < 1):
             fail(f"--bernoulli_p must be in (0, 1), got {self.bernoulli_p!r}")
@@ -209,6 +209,7 @@ class TrainConfig:
         if self.text_encoder_rank is not None and not self.train_text_encoder:
             fail("--text_encoder_rank needs --train_text_encoder")
         if self.text_encoder_norm_bound is not None and not self.train_text_encoder:
+            fail("--text_encoder_norm_bound needs --train_text_encoder")
         if self.use_8bit_adam:  # the old flag: an alias that must not contradict --optimizer
             if self.optimizer not in ("adamw", "adamw8bit"):
                 fail(f"--use_8bit_adam contradicts --optimizer {self.optimizer}")
@@ -221,7 +222,6 @@ class TrainConfig:
                 "--base_model_config applies to a single-file --pretrained_model_name_or_path "
                 "(or to --estimate_memory)"
             )
-            fail("--text_encoder_norm_bound needs --train_text_encoder")
         if self.adapter != "nblora" and self.parameterization != "II":
             fail(f"--parameterization applies to --adapter nblora, not {self.adapter}")
         for name in ("instance_prompt", "class_prompt", "validation_prompt"):

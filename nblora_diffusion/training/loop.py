@@ -334,9 +334,9 @@ def fit(
                         run.weight_dtype,
                         cfg.prior_loss_weight,
                         cfg.snr_gamma,
+                        noise_offset=cfg.noise_offset,
                     )
                     check_finite(acc, loss, run)
-                        noise_offset=cfg.noise_offset,
                     micro_losses.append(loss.detach())
                     acc.backward(loss)
                     if acc.sync_gradients:
