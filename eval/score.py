@@ -17,7 +17,15 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from nblora_diffusion.metrics import ALL_METRICS, MetricConfig, MicroWorldConfig, PairStat, make_suite, strip_token
+from nblora_diffusion.metrics import (
+    ALL_METRICS,
+    MetricConfig,
+    MicroWorldConfig,
+    PairStat,
+    drift_score,
+    make_suite,
+    strip_token,
+)
 
 from . import adapters as adapter_io
 from .report import NAMES, curves_plot, markdown_table, read_json, write_csv, write_json, write_text
@@ -178,12 +186,22 @@ class Scorer:
         write_score_report(report, out, plots=plots)
         return report
 
+    def _drift_base(self, texts: list[str]) -> list:
+        """Base-model images of the token-free prompts (once per prompt list)."""
+        key = tuple(texts)
+        if getattr(self, "_drift_key", None) != key:
+            adapter_io.clear(self.pipe)
+            self._drift_images = generate(self.pipe, texts, self.gen, desc="drift: base model")
+            self._drift_key = key
+        return self._drift_images
+
     def _score_one(self, ref, real, prompts, texts, out: Path, key: str) -> dict:
         cache = out / "scores" / ref.run / f"{ref.name}.json"
         digest = ref.digest()
         hit = read_json(cache)
         if hit and hit.get("fingerprint") == key and hit.get("adapter_sha256") == digest:
             return hit["row"]
+        drift_base = self._drift_base(texts) if "drift" in self.suite.config.metrics else None
         adapter_io.apply(self.pipe, ref)
         groups = generate(self.pipe, prompts, self.gen, desc=f"generating {ref.name}")
         if self.gen.save_images:
@@ -193,6 +211,10 @@ class Scorer:
                 for j, image in enumerate(group):
                     image.save(folder / f"p{i:02d}_{j}.png")
         stats = self.suite.score(real, groups, texts)
+        if drift_base is not None:  # the same seeds on the prompts without the token, base vs adapted
+            adapted = generate(self.pipe, texts, self.gen, desc=f"drift {ref.name}")
+            stats["drift"] = drift_score(sum(drift_base, []), sum(adapted, []))
+            stats = {m: stats[m] for m in self.suite.config.metrics}
         row = {
             "run": ref.run,
             "name": ref.name,

@@ -5,7 +5,7 @@ import torch
 
 from eval.dataset import read_dataset
 from nblora_diffusion.metrics import MicroWorldConfig, MicroWorldSuite, prompt_attributes
-from nblora_diffusion.microworld import judges, subjects
+from nblora_diffusion.microworld import gates, judges, subjects
 from nblora_diffusion.microworld.pretrain import held_out, training_scenes
 from nblora_diffusion.microworld.world import (
     COLOR_NAMES,
@@ -16,6 +16,7 @@ from nblora_diffusion.microworld.world import (
     render,
     to_pil,
 )
+from nblora_diffusion.training.setup import check_resolution
 
 
 def test_renders_are_deterministic_and_in_range():
@@ -36,8 +37,16 @@ def test_captions_name_the_attributes_and_read_back():
     s = Scene("ring", "orange", "green", "right")
     text = caption(s)
     assert text == "a photo of an orange ring on a green background on the right"
-    assert prompt_attributes(text) == {"kind": "ring", "color": "orange", "background": "green", "position": "right"}
-    assert prompt_attributes("a photo of sks circle on a blue background") == {"kind": "circle", "background": "blue"}
+    assert prompt_attributes(text) == {
+        "kind": "ring",
+        "color": "orange",
+        "background": "green",
+        "position": "right",
+    }
+    assert prompt_attributes("a photo of sks circle on a blue background") == {
+        "kind": "circle",
+        "background": "blue",
+    }
     assert prompt_attributes("a photo of a red sks square") == {"kind": "square", "color": "red"}
 
 
@@ -81,13 +90,15 @@ def test_micro_suite_scores_photos_as_their_subject_and_others_not():
     stripes = to_pil(subjects.photos(subjects.subject("striped_circle")))
     spots = to_pil(subjects.photos(subjects.subject("spotted_square")))
     ref = suite.reference(stripes, ["a photo of circle"])
-    assert ref["subject_acc"].mean == 1.0 and ref["subject"].mean > 0.9
+    assert ref["subject_acc"].mean == 1.0 and ref["subject"].mean > 0.8
     same = suite.score(stripes[:2], [stripes[2:]], ["a photo of circle"])
     other = suite.score(stripes[:2], [spots], ["a photo of circle"])
     assert same["subject_acc"].mean == 1.0 and other["subject_acc"].mean == 0.0
-    assert same["subject"].mean > other["subject"].mean + 0.2
+    assert same["subject"].mean > other["subject"].mean + 0.5
     plain = Scene("circle", "red", "blue", "left")
-    prompt = suite.score(stripes[:2], [to_pil(render([plain]))], ["a photo of a red circle on a blue background on the left"])
+    prompt = suite.score(
+        stripes[:2], [to_pil(render([plain]))], ["a photo of a red circle on a blue background on the left"]
+    )
     assert prompt["prompt"].mean == 1.0
 
 
@@ -105,5 +116,29 @@ def test_short_pretraining_writes_a_loadable_pipeline_and_resumes(tmp_path):
     assert main(["pretrain", "--out", str(tmp_path), *small[:-2], "--seed", "1"]) == 2  # other settings
     pipe = load_pipeline(tmp_path / "model")
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a photo of a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        "a photo of a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)
+    ).images[0]
     assert image.size == (32, 32) and pipe.vae_scale_factor == 2
+    # the trainer checks the resolution against this model's own factors (x2 VAE, x4 UNet), not SD's x8
+    check_resolution(pipe, 40)
+    with pytest.raises(
+        ValueError, match=r"multiple of 8 for this model \(the VAE downsamples x2, the UNet x4\)"
+    ):
+        check_resolution(pipe, 36)
+    # the gates command reads the model back with the judges (numbers meaningless for 2 steps)
+    report = gates.measure(tmp_path / "model", seeds=1, limit=6)
+    assert set(report["accuracy"]) == {"background", "color", "kind", "position"} and report["images"] == 6
+    assert set(report["base_draws_subject"]) == {s.name for s in subjects.SUBJECTS}
+
+
+def test_resolution_check_follows_the_model():
+    from nblora_diffusion.diffusion import load_pipeline
+    from nblora_diffusion.testing import tiny_sd_path
+
+    pipe = load_pipeline(tiny_sd_path())  # x8 VAE, 2-level UNet: multiples of 16
+    check_resolution(pipe, 48)
+    with pytest.raises(
+        ValueError, match=r"multiple of 16 for this model \(the VAE downsamples x8, the UNet x2\)"
+    ):
+        check_resolution(pipe, 40)

@@ -118,7 +118,7 @@ def test_every_option_is_a_config_field_with_the_same_default():
         ({"norm_bound": 0.1, "norm_bound_ratio": 0.1}, "at most one of --norm_bound and --norm_bound_ratio"),
         ({"norm_p": "0.5"}, "--norm_p"),
         ({"norm_p": "two"}, "--norm_p"),
-        ({"resolution": 100}, "multiple of 8"),
+        ({"resolution": 0}, "--resolution must be an integer >= 1"),
         ({"bernoulli_p": 1.0}, "--bernoulli_p"),
         ({"learning_rate": float("nan")}, "--learning_rate"),
         ({"rank": 0}, "--rank"),

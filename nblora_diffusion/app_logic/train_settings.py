@@ -75,8 +75,8 @@ def make_train_config(
     instance_prompt, class_prompt = prompts_for(token, class_noun)
     pv = p_value(p)
     steps = _positive_int(max_train_steps, "steps", 1, 100_000)
-    resolution = _positive_int(resolution, "resolution", 64, 2048)
-    if resolution % 8:
+    resolution = _positive_int(resolution, "resolution", 32, 2048)
+    if resolution % 8:  # every supported model needs it (the trainer checks the model's own factor)
         raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
     validation_steps = _positive_int(validation_steps or max(steps // 4, 1), "validation steps")
     checkpointing_steps = _positive_int(

@@ -13,6 +13,7 @@ from .extractors import (
     open_image,
     resolve_device,
 )
+from .microworld import MICRO_METRICS, MicroWorldConfig, MicroWorldSuite, drift_score, prompt_attributes
 from .scoring import (
     PairStat,
     cosine_score,
@@ -25,7 +26,6 @@ from .scoring import (
     strip_token,
     within_group_pairs,
 )
-from .microworld import MICRO_METRICS, MicroWorldConfig, MicroWorldSuite, drift_score, prompt_attributes
 from .suite import MetricSuite, list_images
 
 ALL_METRICS = METRICS + MICRO_METRICS
@@ -41,6 +41,7 @@ def fidelity_metrics(metrics) -> tuple[str | None, str | None]:
     micro world's subject and prompt."""
     fid = next((m for m in ("dino", "subject") if m in metrics), None)
     return fid, next((m for m in ("clip_t", "prompt") if m in metrics), None)
+
 
 __all__ = [
     "ALL_METRICS",

@@ -13,15 +13,21 @@ PRETRAINED = Path(__file__).resolve().parent / "pretrained"
 
 
 def model_path() -> Path:
-    """The pretrained micro SD: a diffusers StableDiffusionPipeline folder (load_pipeline, from_pretrained)."""
+    """The pretrained micro SD: a diffusers StableDiffusionPipeline folder (for load_pipeline)."""
     path = PRETRAINED / "micro-sd"
     if not (path / "model_index.json").is_file():
-        raise ValueError(f"the micro SD is missing from {path}; rebuild it with python -m nblora_diffusion.microworld pretrain")
+        raise ValueError(
+            f"the micro SD is missing from {path}; "
+            "rebuild it with python -m nblora_diffusion.microworld pretrain"
+        )
     return path
 
 
 def judge_path() -> Path:
     path = PRETRAINED / "judge.safetensors"
     if not path.is_file():
-        raise ValueError(f"the micro-world judge is missing: {path}; rebuild it with python -m nblora_diffusion.microworld judge")
+        raise ValueError(
+            f"the micro-world judge is missing: {path}; "
+            "rebuild it with python -m nblora_diffusion.microworld judge"
+        )
     return path

@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         if args.command == "pretrain":
-            cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
+            cfg = PretrainConfig(
+                **{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)}
+            )
             print(pretrain(cfg, args.out))
         elif args.command == "judge":
             import json

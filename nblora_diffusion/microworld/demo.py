@@ -19,7 +19,10 @@ def demo_prompts(token: str, class_noun: str) -> list[str]:
 
 
 def slider_grid(
-    base_model: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike | None = None, seed: int = 0
+    base_model: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    seed: int = 0,
 ) -> tuple[Path, dict[str, list[float]]]:
     """Grid: rows = prompts, columns = the base model and the adapter at δ' = 0, δ/2, δ, 2δ. Returns the
     PNG's path and, per prompt, the fraction of the columns' images the judge reads as the subject."""

@@ -44,7 +44,8 @@ def generate(pipe, prompts: list[str], seeds: int, steps: int = 20, guidance: fl
     return images
 
 
-def measure(model: str | os.PathLike | None = None, seeds: int = 2) -> dict:
+def measure(model: str | os.PathLike | None = None, seeds: int = 2, limit: int | None = None) -> dict:
+    """The gates' numbers (``limit``: only the first prompts, for a quick look)."""
     from ..diffusion import load_pipeline
     from ..metrics import MicroWorldSuite
     from ..metrics.microworld import to_tensor
@@ -54,7 +55,7 @@ def measure(model: str | os.PathLike | None = None, seeds: int = 2) -> dict:
     pipe = load_pipeline(model or model_path())
     pipe.set_progress_bar_config(disable=True)
     suite = MicroWorldSuite().load()
-    prompts = held_out_prompts()
+    prompts = held_out_prompts()[:limit]
     images = generate(pipe, [p for p, _ in prompts], seeds)
     read = suite.read(to_tensor(images))
     wants = [w for _ in range(seeds) for _, w in prompts]
@@ -64,7 +65,7 @@ def measure(model: str | os.PathLike | None = None, seeds: int = 2) -> dict:
     }
     subject_rate = {}
     for s in SUBJECTS:
-        imgs = generate(pipe, [f"a photo of {TOKEN} {s.kind}", f"a photo of a {s.kind}"], seeds=4)
+        imgs = generate(pipe, [f"a photo of {TOKEN} {s.kind}", f"a photo of a {s.kind}"], seeds=2 * seeds)
         r = suite.read(to_tensor(imgs))
         hits = [k == s.kind and q == s.pattern for k, q in zip(r["kind"], r["pattern"], strict=True)]
         subject_rate[s.name] = sum(hits) / len(hits)

@@ -49,7 +49,9 @@ def read_object(images: torch.Tensor) -> list[tuple[str | None, str | None]]:
             out.append((None, None))
             continue
         solid = mask & (nearest[i] < 0.2)  # skip edges and colours outside the palette
-        color = COLOR_NAMES[int(torch.bincount(which[i][solid], minlength=6).argmax())] if solid.any() else None
+        color = (
+            COLOR_NAMES[int(torch.bincount(which[i][solid], minlength=6).argmax())] if solid.any() else None
+        )
         cx = float((fg[i].float() * xs).sum() / fg[i].sum())
         pos = POSITIONS[int(torch.tensor([abs(cx - x) for x in POSITION_X]).argmin())]
         out.append((color, pos))
@@ -86,7 +88,11 @@ def _judge_scenes(n: int, g: torch.Generator) -> list[Scene]:
     """Plain and patterned scenes with any second colour, sizes a little beyond the world's."""
     scenes = random_scenes(n, g)
     pats = torch.randint(len(PATTERNS), (n,), generator=g).tolist()
-    second = torch.rand(n, 3, generator=g).tolist()
+    second = torch.rand(n, 3, generator=g)
+    fg = torch.tensor([COLORS[s.color] for s in scenes])
+    close = (second - fg).norm(dim=1) < 0.35  # a pattern in the object's own colour is no pattern
+    second[close] = 1.0 - fg[close]
+    second = second.tolist()
     radius = (0.15 + 0.12 * torch.rand(n, generator=g)).tolist()
     return [
         Scene(**{**asdict(s), "pattern": PATTERNS[p], "pattern_color": tuple(c), "radius": r})
@@ -132,7 +138,9 @@ def train_judge(steps: int = 800, batch: int = 128, seed: int = 0) -> JudgeNet:
 
 
 @torch.no_grad()
-def judge_accuracy(net: JudgeNet, n: int = 1024, seed: int = 12345, augment: bool = False) -> dict[str, float]:
+def judge_accuracy(
+    net: JudgeNet, n: int = 1024, seed: int = 12345, augment: bool = False
+) -> dict[str, float]:
     """Accuracy of every reader on fresh renders (with the generated-picture augmentation if asked)."""
     g = torch.Generator().manual_seed(seed)
     scenes = _judge_scenes(n, g)

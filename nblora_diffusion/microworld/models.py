@@ -1,7 +1,8 @@
 """The micro Stable Diffusion's architecture: the real diffusers/transformers classes at micro size.
 
 AutoencoderKL ×2 (32 px images <-> 12 × 16 × 16 latents, nearly lossless on the world's flat colours),
-UNet2DConditionModel with cross-attention at the 8 × 8 and 4 × 4 levels, a 3-layer CLIPTextModel and a CLIPTokenizer
+UNet2DConditionModel with cross-attention at the 8 × 8 and 4 × 4 levels, a 3-layer CLIPTextModel and a
+CLIPTokenizer
 whose vocabulary has one token per word of the world (``world.WORDS``; any other word falls back to
 byte-level characters, as in CLIP's BPE).
 """

@@ -110,7 +110,14 @@ def train_vae(cfg: PretrainConfig, out: Path, state: dict) -> None:
         step += 1
         if step % 50 == 0 or step == cfg.vae_steps:
             psnr = -10 * math.log10(max(F.mse_loss(rec.detach(), x).item() / 4, 1e-12))
-            log.info("vae step %d/%d loss %.5f psnr %.1f dB (%.1f s)", step, cfg.vae_steps, loss.item(), psnr, time.time() - t0)
+            log.info(
+                "vae step %d/%d loss %.5f psnr %.1f dB (%.1f s)",
+                step,
+                cfg.vae_steps,
+                loss.item(),
+                psnr,
+                time.time() - t0,
+            )
         if step % cfg.save_every == 0 or step == cfg.vae_steps:
             state["vae_progress"] = {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}
             _save_state(out, state)
@@ -128,13 +135,19 @@ def train_vae(cfg: PretrainConfig, out: Path, state: dict) -> None:
 
 def _encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids
     return text_encoder(ids)[0]  # (B, L, width)
 
 
 @torch.no_grad()
-def encode_pool(vae, scenes: list[Scene], g: torch.Generator, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_pool(
+    vae, scenes: list[Scene], g: torch.Generator, chunk: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Latent means and standard deviations (scaled) of the rendered scenes."""
     means, stds = [], []
     for i in range(0, len(scenes), chunk):
@@ -161,7 +174,10 @@ def train_diffusion(cfg: PretrainConfig, out: Path, state: dict) -> None:
     unet, text_encoder = models.make_unet(), models.make_text_encoder(tokenizer)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
-    ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    ema_unet, ema_te = (
+        copy.deepcopy(unet).requires_grad_(False),
+        copy.deepcopy(text_encoder).requires_grad_(False),
+    )
     step, history = 0, []
     if "diffusion" in state:
         d = state["diffusion"]
@@ -180,7 +196,10 @@ def train_diffusion(cfg: PretrainConfig, out: Path, state: dict) -> None:
     log.info("latent pool of %d scenes in %.0f s", len(pool), time.time() - t0)
     probe_g = torch.Generator().manual_seed(cfg.seed * 1000 + 3)  # fixed probe batch for the gap
     probe_scenes = training_scenes(256, probe_g)
-    probe = (*_noisy(scheduler, *encode_pool(vae, probe_scenes, probe_g), probe_g), [caption(s) for s in probe_scenes])
+    probe = (
+        *_noisy(scheduler, *encode_pool(vae, probe_scenes, probe_g), probe_g),
+        [caption(s) for s in probe_scenes],
+    )
     shuffled = [probe[3][i] for i in torch.randperm(len(probe_scenes), generator=probe_g).tolist()]
     t0 = time.time()
     unet.train()
@@ -192,7 +211,10 @@ def train_diffusion(cfg: PretrainConfig, out: Path, state: dict) -> None:
             group["lr"] = lr
         idx = torch.randint(len(pool), (cfg.batch,), generator=g)
         drop = (torch.rand(cfg.batch, generator=g) < cfg.caption_dropout).tolist()
-        prompts = ["" if d else caption(pool[i], g, cfg.keep_attribute) for i, d in zip(idx.tolist(), drop, strict=True)]
+        prompts = [
+            "" if d else caption(pool[i], g, cfg.keep_attribute)
+            for i, d in zip(idx.tolist(), drop, strict=True)
+        ]
         noisy, noise, t = _noisy(scheduler, pool_mean[idx], pool_std[idx], g)
         pred = unet(noisy, t, _encode_text(tokenizer, text_encoder, prompts)).sample
         loss = F.mse_loss(pred, noise)
@@ -205,11 +227,19 @@ def train_diffusion(cfg: PretrainConfig, out: Path, state: dict) -> None:
         _ema_update(ema_unet, unet, decay)
         _ema_update(ema_te, text_encoder, decay)
         if step % 50 == 0:
-            log.info("step %d/%d loss %.4f lr %.2e (%.0f s)", step, cfg.steps, loss.item(), lr, time.time() - t0)
+            log.info(
+                "step %d/%d loss %.4f lr %.2e (%.0f s)", step, cfg.steps, loss.item(), lr, time.time() - t0
+            )
         if step % cfg.save_every == 0 or step == cfg.steps:
             matched, mismatched = conditioning_gap(ema_unet, ema_te, tokenizer, probe, shuffled)
             history.append({"step": step, "loss": loss.item(), "matched": matched, "shuffled": mismatched})
-            log.info("step %d: probe loss matched %.4f shuffled %.4f (gap %.4f)", step, matched, mismatched, mismatched - matched)
+            log.info(
+                "step %d: probe loss matched %.4f shuffled %.4f (gap %.4f)",
+                step,
+                matched,
+                mismatched,
+                mismatched - matched,
+            )
             state["diffusion"] = {
                 "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                 "ema_unet": ema_unet.state_dict(), "ema_text_encoder": ema_te.state_dict(),

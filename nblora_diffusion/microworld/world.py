@@ -154,13 +154,16 @@ def render(scenes: list[Scene], generator: torch.Generator | None = None) -> tor
         bg = bg * (1 + 0.08 * (torch.rand(n, 3, generator=generator) - 0.5))
         fg = fg * (1 + 0.08 * (torch.rand(n, 3, generator=generator) - 0.5))
     obj, sec = cover[:, :1], cover[:, 1:]
-    img = bg[:, :, None, None] * (1 - obj) + fg[:, :, None, None] * (obj - sec) + second[:, :, None, None] * sec
+    img = (
+        bg[:, :, None, None] * (1 - obj) + fg[:, :, None, None] * (obj - sec) + second[:, :, None, None] * sec
+    )
     if generator is not None:  # soft light from a random direction, ±5%
         angle = 2 * torch.pi * torch.rand(n, generator=generator)
         ramp = (torch.arange(SIZE) + 0.5) / SIZE - 0.5  # (32,)
-        light = torch.cos(angle)[:, None, None] * ramp[None, None, :] + torch.sin(angle)[:, None, None] * ramp[
-            None, :, None
-        ]  # (N, 32, 32)
+        light = (
+            torch.cos(angle)[:, None, None] * ramp[None, None, :]
+            + torch.sin(angle)[:, None, None] * ramp[None, :, None]
+        )  # (N, 32, 32)
         img = img * (1 + 0.1 * light[:, None])
     return img.clamp(0, 1)
 
@@ -170,8 +173,9 @@ def article(word: str) -> str:
 
 
 def caption(scene: Scene, generator: torch.Generator | None = None, keep: float = 1.0) -> str:
-    """'a photo of a red circle on a blue background on the left' ("an orange ..."); with ``keep`` < 1 each of colour,
-    background and position is named with that probability (so prompts may leave attributes open)."""
+    """'a photo of a red circle on a blue background on the left' ("an orange ..."); with ``keep`` < 1
+    each of colour, background and position is named with that probability (so prompts may leave
+    attributes open)."""
 
     def named() -> bool:
         return keep >= 1.0 or float(torch.rand((), generator=generator)) < keep

@@ -199,8 +199,6 @@ class TrainConfig:
                 fail(f"--{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         if self.norm_bound is not None and self.norm_bound_ratio is not None:
             fail("give at most one of --norm_bound and --norm_bound_ratio")
-        if self.resolution is not None and self.resolution % 8:
-            fail(f"--resolution must be a multiple of 8 (the VAE downsamples x8), got {self.resolution}")
         if self.with_prior_preservation:
             if not self.class_data_dir:
                 fail("--with_prior_preservation needs --class_data_dir")
