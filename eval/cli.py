@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from nblora_diffusion.metrics import MICRO_METRICS, METRICS, MetricConfig, MicroWorldConfig
+from nblora_diffusion.metrics import METRICS, MICRO_METRICS, MetricConfig, MicroWorldConfig
 
 from .dataset import PROMPT_SETS
 

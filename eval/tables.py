@@ -61,7 +61,12 @@ def write_benchmark_report(
     metrics = [m for m in ALL_METRICS if m in metrics]
     fid, text = fidelity_metrics(metrics)  # DINO and CLIP-T, or their micro-world analogues
     results: dict = {
-        "subjects": list(subjects), "metrics": metrics, "methods": [], "real": {}, "fidelity": fid, "text": text
+        "subjects": list(subjects),
+        "metrics": metrics,
+        "methods": [],
+        "real": {},
+        "fidelity": fid,
+        "text": text,
     }
     rows: list[dict] = []
 
@@ -80,9 +85,7 @@ def write_benchmark_report(
 
     for method in methods:
         steps = method_steps(method, subjects, reports, metrics)
-        best = (
-            max(steps, key=lambda k: (steps[k][fid]["mean"], -k)) if steps and fid else None
-        )
+        best = max(steps, key=lambda k: (steps[k][fid]["mean"], -k)) if steps and fid else None
         fixed = [k for k in (report_steps or ([max(steps)] if steps else []))]
         results["methods"].append(
             {
@@ -161,7 +164,9 @@ def tradeoff_plot(path: Path, results: dict) -> Path:
                 markersize=11,
                 color=line.get_color(),
             )
-    ax.axhline(results["real"][fid]["mean"], color="grey", linestyle="--", label=f"real images ({NAMES[fid]})")
+    ax.axhline(
+        results["real"][fid]["mean"], color="grey", linestyle="--", label=f"real images ({NAMES[fid]})"
+    )
     ax.set_xlabel(f"{NAMES[text]} (prompt fidelity)")
     ax.set_ylabel(f"{NAMES[fid]} (subject fidelity)")
     ax.grid(alpha=0.3)
