@@ -11,7 +11,15 @@ from typing import Any
 
 from PIL import Image
 
-from ..metrics import MetricConfig, MetricSuite, MicroWorldConfig, MicroWorldSuite, list_images, make_suite, strip_token
+from ..metrics import (
+    MetricConfig,
+    MetricSuite,
+    MicroWorldConfig,
+    MicroWorldSuite,
+    list_images,
+    make_suite,
+    strip_token,
+)
 from .generation import read_adapter_info
 
 GROUP_COLUMNS = ("images", "variant", "δ'")

@@ -259,16 +259,17 @@ def save_peft_lora(pipe, setup: AdapterSetup, folder: Path) -> Path:
 def save_peft_kohya(setup: AdapterSetup, path: Path, pipe, resolution: int | None = None) -> Path:
     """kohya / A1111 keys via diffusers' converter (alpha = rank, so the file's update is up @ down),
     with the metadata A1111/ComfyUI read to class the file."""
-    from ..diffusion import is_sdxl
-    from ..diffusion.export import network_metadata
-
     from diffusers.utils import convert_state_dict_to_kohya
 
     from ..core import atomic_save_safetensors
+    from ..diffusion import is_sdxl
+    from ..diffusion.export import network_metadata
 
     prefixed = {f"{c}.{k}": v for c, sd in peft_lora_layers(setup).items() for k, v in sd.items()}
     kohya = convert_state_dict_to_kohya(prefixed)
-    if not is_sdxl(pipe):  # SD1.x/2.x tools name the single text encoder lora_te_, as diffusion.export_kohya_lora does
+    if not is_sdxl(
+        pipe
+    ):  # SD1.x/2.x tools name the single text encoder lora_te_, as diffusion.export_kohya_lora does
         kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
     rank = max(v.shape[0] for k, v in kohya.items() if k.endswith("lora_down.weight"))
     atomic_save_safetensors(kohya, path, {"format": "pt", **network_metadata(pipe, rank, resolution)})
