@@ -309,3 +309,29 @@ def test_scale_zero_gives_the_base_model_and_scale_is_linear():
         assert torch.equal(model(x, context), base(x, context))
         set_nblora_scale(model, 1.0)
         assert torch.equal(model(x, context), full)
+
+
+@pytest.fixture
+def bf16_accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield Accelerator(mixed_precision="bf16", cpu=True)
+    AcceleratorState._reset_state(True)
+
+
+def test_wrapped_forward_survives_accelerate_autocast_and_unwrap(bf16_accelerator, cayley_calls):
+    """accelerate re-binds ``model.forward.__func__`` to the model, for autocast and again in unwrap_model."""
+    model = injected(CONFIGS[0], dtype=torch.float32)
+    x, context = inputs(torch.float32)
+    with torch.no_grad():
+        expected = model(x, context)
+    prepared = bf16_accelerator.prepare(model)
+    with torch.no_grad():
+        assert prepared(x, context).dtype == torch.float32  # autocast inside, outputs converted back
+    plain = bf16_accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
+    cayley_calls.clear()
+    with torch.no_grad():
+        assert torch.allclose(plain(x, context), expected, rtol=0, atol=1e-5)
+    assert len(cayley_calls) == 4  # still one batched call per shape group

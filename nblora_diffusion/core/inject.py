@@ -135,6 +135,23 @@ class _Materializer:
         finally:
             self.cache.end()
 
+    # A bound method's two attributes: wrappers that re-bind ``model.forward.__func__`` to the model
+    # (accelerate's mixed precision, and its unwrap_model) then call ``_forward_with_factors(model, ...)``
+    @property
+    def __func__(self):
+        return _forward_with_factors
+
+    @property
+    def __self__(self) -> nn.Module:
+        return self.model
+
+
+def _forward_with_factors(model: nn.Module, *args, **kwargs):
+    hook = model.__dict__.get(_HOOK_ATTR)
+    if hook is None:  # unloaded while another wrapper still calls us
+        return type(model).forward(model, *args, **kwargs)
+    return hook(*args, **kwargs)
+
 
 def inject_nblora(model: nn.Module, config: NBLoRAConfig) -> list[str]:
     """Replace every nn.Linear named by ``config.target_modules`` with an NBLoRALinear.
@@ -217,7 +234,7 @@ def unload_nblora(model: nn.Module, merge: bool = True) -> nn.Module:
             del model.forward
             if hook.inner is not None:
                 model.forward = hook.inner
-        else:  # another wrapper (e.g. accelerate's autocast) was installed over ours: ours stays a no-op
+        else:  # a wrapper installed over ours (accelerate's autocast) keeps calling it: a pass-through now
             hook.bind([])
         object.__delattr__(model, _HOOK_ATTR)
     return model
