@@ -81,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         config, builtin_model = parse(argv)
+        if config.estimate_memory:  # no training: the peak of these settings, from the model's configs
+            from nblora_diffusion.training.memory import estimate_memory
+
+            print(estimate_memory(config).report(config.pretrained_model_name_or_path))
+            return 0
         from nblora_diffusion.training import train
 
         result = train(config)
