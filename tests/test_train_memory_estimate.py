@@ -37,7 +37,11 @@ def config(sdxl: bool = False, **changes) -> TrainConfig:
     "sdxl, changes",
     [
         (False, {}),
-        (False, {"adapter": "lora", "gradient_checkpointing": True, "mixed_precision": "bf16"}),
+        # gradient checkpointing keeps few activations: 64 px, so that they still matter next to the weights
+        (
+            False,
+            {"adapter": "lora", "gradient_checkpointing": True, "mixed_precision": "bf16", "resolution": 64},
+        ),
         (True, {"with_prior_preservation": True, "class_data_dir": "x", "class_prompt": "a photo of dog"}),
         (False, {"train_text_encoder": True, "snr_gamma": 5.0, "noise_offset": 0.1}),
     ],
