@@ -15,7 +15,7 @@ import gradio as gr
 
 from nblora_diffusion.app_logic import AppHandlers, uploads
 from nblora_diffusion.app_logic.generation import download_guide
-from nblora_diffusion.app_logic.handlers import DEFAULT_BASE_MODEL
+from nblora_diffusion.formats import DEFAULT_BASE_MODEL
 from nblora_diffusion.metrics import MetricConfig
 
 TITLE = "NB-LoRA DreamBooth"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ..core import (
     save_nblora,
     unload_nblora,
 )
+from ..fileio import atomic_write_json
 
 WEIGHTS_NAME = "nblora_adapter.safetensors"
 CONFIG_NAME = "nblora_config.json"
@@ -28,19 +28,8 @@ PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for the wrapped model
 
 
-def atomic_write_json(data: dict, path: str | os.PathLike) -> None:
-    """JSON written to a temporary name and renamed: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_json(data: dict, path: Path) -> None:
+    atomic_write_json(path, data, indent=2, sort_keys=True)
 
 
 def _base_model_name(model: nn.Module, base_model: str | None) -> str | None:
@@ -76,7 +65,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model: str | 
         "modules": [n for n, _ in layers],
         **extra,
     }
-    atomic_write_json(config, folder / CONFIG_NAME)
+    _write_json(config, folder / CONFIG_NAME)
     return folder
 
 
@@ -149,5 +138,5 @@ def export_peft(
         raise ValueError(f"export folder {folder} exists and is not a directory")
     tensors = export_lora_state_dict(model, prefix=PEFT_PREFIX)
     atomic_save_safetensors(tensors, folder / PEFT_WEIGHTS_NAME, {"format": "pt"})
-    atomic_write_json(config, folder / PEFT_CONFIG_NAME)
+    _write_json(config, folder / PEFT_CONFIG_NAME)
     return folder

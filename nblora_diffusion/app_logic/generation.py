@@ -6,9 +6,7 @@ import json
 import math
 import os
 import random
-import re
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -20,9 +18,12 @@ from typing import Any
 import torch
 from PIL import Image, PngImagePlugin
 
-CONFIG_NAME = "nblora_config.json"
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the name stock load_lora_weights(folder) looks for
-KOHYA_FILE = "kohya_lora.safetensors"  # written by training with export_kohya
+from ..fileio import atomic_dir, atomic_path
+from ..formats import ADAPTER_CONFIG_FILE, DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, is_hub_id
+
+CONFIG_NAME = ADAPTER_CONFIG_FILE
+DIFFUSERS_FILE = DIFFUSERS_LORA_FILE
+KOHYA_FILE = KOHYA_LORA_FILE
 MAX_SEED = 2**32 - 1
 
 
@@ -147,14 +148,9 @@ class PipelineCache:
             return pipe, info
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name; anything else names a local folder
-
-
 def _available(base_model: str | None) -> bool:
     """A local folder that exists, or a hub id (loaded from the cache or the hub)."""
-    return bool(base_model) and (
-        Path(base_model).expanduser().exists() or bool(_HUB_ID.fullmatch(base_model))
-    )
+    return bool(base_model) and (Path(base_model).expanduser().exists() or is_hub_id(base_model))
 
 
 def resolve_seed(seed: Any, randomize: bool = False) -> int:
@@ -270,14 +266,8 @@ def save_images(results: list[tuple[Image.Image, dict]], folder: str | os.PathLi
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", json.dumps(settings))
         name = f"{stamp}-{i:02d}-{settings.get('variant', 'adapter')}-seed{settings.get('seed', 0)}.png"
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".png")
-        os.close(fd)
-        try:
+        with atomic_path(folder / name) as tmp:
             img.save(tmp, pnginfo=info)
-            os.replace(tmp, folder / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         paths.append(folder / name)
     return paths
 
@@ -338,8 +328,7 @@ def prepare_downloads(
     dest_root = Path(dest_root)
     dest_root.mkdir(parents=True, exist_ok=True)
     dest = dest_root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    tmp = Path(tempfile.mkdtemp(dir=dest_root, prefix=f".{dest.name}."))
-    try:
+    with atomic_dir(dest) as tmp:
         files = [_zip_files(native, tmp / f"{name}-nblora.zip")]
         diffusers_file, kohya_file = tmp / DIFFUSERS_FILE, tmp / f"{name}-kohya.safetensors"
         saved_diffusers, saved_kohya = info.folder / DIFFUSERS_FILE, info.folder / KOHYA_FILE
@@ -358,8 +347,4 @@ def prepare_downloads(
         files += [diffusers_file, kohya_file]
         if dest.exists():
             raise ValueError(f"download folder already exists: {dest}")
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return [dest / f.name for f in files]

@@ -31,8 +31,6 @@ from .training_job import SlotBusy, TrainingSlot, describe_step, format_duration
 log = logging.getLogger(__name__)
 _PROGRESS = gr.Progress()  # Gradio finds the progress argument by this default and passes a fresh tracker
 
-DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-
 
 def _user_error(message: str) -> gr.Error:
     """A page error for bad input: the message alone, no server-side traceback (nothing went wrong)."""

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..formats import p_label
 from .uploads import p_value
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_<>\-]+$")
@@ -95,7 +96,7 @@ def make_train_config(
         seed=_positive_int(seed, "seed", 0, 2**32 - 1),
         adapter="nblora",
         rank=_positive_int(rank, "rank", 1, 1024),
-        norm_p="inf" if math.isinf(pv) else f"{pv:g}",
+        norm_p=p_label(pv),
         norm_bound=_positive_float(delta, "δ"),
         with_prior_preservation=bool(with_prior_preservation),
         class_prompt=class_prompt,

@@ -6,7 +6,6 @@ import hashlib
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ..core.bounds import parse_p
+from ..fileio import atomic_dir
 
 MIN_IMAGES = 3  # DreamBooth needs a few views of the subject
 MAX_IMAGES = 30  # beyond this a subject run is a fine-tune, not a personalisation
@@ -108,16 +108,10 @@ def save_instance_images(images: list[Path], dest: str | os.PathLike) -> Path:
     dest = Path(dest)
     if dest.exists():
         raise ValueError(f"instance folder already exists: {dest}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
+    with atomic_dir(dest) as tmp:
         for i, path in enumerate(images):
             stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in path.stem)[:40]
             shutil.copyfile(path, tmp / f"{i:02d}-{stem}{path.suffix.lower()}")
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

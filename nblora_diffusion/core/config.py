@@ -6,6 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from ..formats import format_p
 from .bounds import check_delta, parse_p
 
 
@@ -44,7 +45,7 @@ class NBLoRAConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["p"] = "inf" if math.isinf(self.p) else self.p
+        d["p"] = format_p(self.p)
         d["target_modules"] = list(self.target_modules)
         return d
 

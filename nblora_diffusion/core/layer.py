@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..formats import p_label
 from .bounds import bound_vector, check_delta, fit_bound, parse_p, project_to_ball, s_tilde_for, schatten_norm
 from .cache import FactorCache, Frozen, watch_optimizer_steps
 from .cayley import cayley_sign_flip, cayley_transposed, inverse_cayley
@@ -258,7 +259,7 @@ class NBLoRALinear(nn.Module):
         return entry.applied[2], entry.applied[3]
 
     def extra_repr(self) -> str:
-        p = "inf" if math.isinf(self.p) else f"{self.p:g}"
+        p = p_label(self.p)
         return f"rank={self.rank}, p={p}, delta={self.delta:g}, parameterization={self.parameterization}"
 
     # -- completeness: any bounded W is reachable (paper Appendix A-B) --------------------------

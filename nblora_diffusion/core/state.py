@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -12,6 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..fileio import atomic_path
+from ..formats import format_p
 from .config import NBLoRAConfig
 from .inject import inject_nblora, injected_configs, nblora_layers
 
@@ -59,16 +60,8 @@ def atomic_save_safetensors(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict
 ) -> None:
     """safetensors file written to a temporary name and renamed: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def save_nblora(model: nn.Module, path: str | os.PathLike, **metadata) -> None:
@@ -79,7 +72,7 @@ def save_nblora(model: nn.Module, path: str | os.PathLike, **metadata) -> None:
     layers = {
         name: {
             "rank": l.rank,
-            "p": "inf" if l.p == float("inf") else l.p,
+            "p": format_p(l.p),
             "delta": l.delta,
             "parameterization": l.parameterization,
             "in_features": l.in_features,

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,22 +25,18 @@ from ..core import (
     unload_nblora,
 )
 from ..core.inject import matches
+from ..fileio import atomic_write_text
+from ..formats import ADAPTER_CONFIG_FILE, ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, adapter_weights_file
 from .pipeline import TEXT_ENCODERS, architecture, components
 from .single_file import file_base_model_id, same_base_model
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "nblora_config.json"
-ADAPTER_FORMAT = "nblora-diffusion"
-ADAPTER_FORMAT_VERSION = 1
+CONFIG_NAME = ADAPTER_CONFIG_FILE  # the name users import from nblora_diffusion.diffusion
 _RESERVED = frozenset(
     ("format", "format_version", "base_model", "base_model_id", "architecture", "token", "rank", "p", "delta",
      "gamma", "targets", "parameterization", "components")
 )  # fmt: skip
-
-
-def adapter_file(component: str) -> str:
-    return f"nblora_{component}.safetensors"
 
 
 def resolve_targets(model: nn.Module, config: NBLoRAConfig, component: str = "model") -> NBLoRAConfig:
@@ -169,27 +164,16 @@ def save_adapter(pipe, folder: str | os.PathLike, base_model: str, token: str | 
     (folder / CONFIG_NAME).unlink(missing_ok=True)  # an overwritten folder must not load half-updated
     for name, model in parts.items():
         summary = _summary(model)
-        summary["file"] = adapter_file(name)
+        summary["file"] = adapter_weights_file(name)
         info["components"][name] = summary
         save_nblora(model, folder / summary["file"], component=name, base_model=str(base_model))
     info["components"] = info.pop("components")  # the summary keys first, the per-component details last
     text = json.dumps(info, indent=2)
-    _atomic_write_text(folder / CONFIG_NAME, text)
+    atomic_write_text(folder / CONFIG_NAME, text + "\n")
     for stale in folder.glob("nblora_*.safetensors"):  # files of components no longer adapted
         if stale.name not in {c["file"] for c in info["components"].values()}:
             stale.unlink()
     return folder
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_adapter_config(folder: str | os.PathLike) -> dict:

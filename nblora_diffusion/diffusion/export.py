@@ -12,8 +12,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,12 +27,14 @@ from ..core import (
     nblora_state_dict,
     read_safetensors,
 )
+from ..fileio import staging_dir
+from ..formats import DIFFUSERS_LORA_FILE, p_label
 from .adapter import adapted_components
 from .pipeline import architecture, components, is_sdxl
 
 logger = logging.getLogger(__name__)
 
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+DIFFUSERS_WEIGHT_NAME = DIFFUSERS_LORA_FILE
 # the tools that read each export; the app's downloads and train_dreambooth's report name them in these words
 KOHYA_TOOLS = "AUTOMATIC1111, ComfyUI and Forge"
 DIFFUSERS_TOOLS = "diffusers and PEFT"
@@ -73,13 +73,9 @@ def export_diffusers_lora(pipe, folder: str | os.PathLike) -> Path:
     layers = _lora_layers(pipe)
     kwargs = {f"{name}_lora_layers": sd for name, sd in layers.items()}
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".export.", suffix=".tmp"))
-    try:
+    with staging_dir(folder) as tmp:  # diffusers writes in place: stage it, then rename the file in
         type(pipe).save_lora_weights(tmp, weight_name=DIFFUSERS_WEIGHT_NAME, **kwargs)
         os.replace(tmp / DIFFUSERS_WEIGHT_NAME, folder / DIFFUSERS_WEIGHT_NAME)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder / DIFFUSERS_WEIGHT_NAME
 
 
@@ -151,7 +147,7 @@ def kohya_metadata(pipe, resolution: int | tuple[int, int] | None = None) -> dic
     )
     return {
         **network_metadata(pipe, rank, resolution),
-        "nblora_p": "inf" if math.isinf(p) else f"{p:g}",
+        "nblora_p": p_label(p),
         **bound,
         "nblora_parameterization": cfg["parameterization"],
         "nblora_scale": str(per_component[main]["scale"]),

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..formats import is_hub_id
 from .single_file import SINGLE_FILE_SUFFIXES, is_single_file, load_single_file
 
 DTYPES = {
@@ -18,7 +18,6 @@ DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }  # fmt: skip
 _SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name; anything else is a local path
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
@@ -63,7 +62,7 @@ def load_pipeline(
         return load_single_file(path, dtype, config=config, allow_ckpt=allow_ckpt).to(device)
     if config is not None:
         raise ValueError(f"config= applies to single-file checkpoints, not to {name}")
-    if path.exists() or not _HUB_ID.fullmatch(name):
+    if path.exists() or not is_hub_id(name):
         if not path.exists():
             raise ValueError(f"model path not found: {path}")
         if path.is_file():

@@ -22,13 +22,14 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..fileio import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -244,25 +245,17 @@ def skeleton_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     dest = root / "single_file_configs" / f"{name}-{digest.hexdigest()[:12]}"
     if (dest / "model_index.json").is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp's folders are private; a shared cache must be readable
-        for p in files:
-            target = tmp / p.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(p, target)
-        for tok in {p.parent for p in tmp.rglob("tokenizer_config.json")}:
-            write_clip_tokenizer_files(tok)
-        try:
-            os.rename(tmp, dest)
-        except OSError:  # another process finished first
-            if not (dest / "model_index.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(dest, mode=0o755) as tmp:  # a shared cache must be readable by others
+            for p in files:
+                target = tmp / p.relative_to(src)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(p, target)
+            for tok in {p.parent for p in tmp.rglob("tokenizer_config.json")}:
+                write_clip_tokenizer_files(tok)
+    except OSError:  # another process finished first
+        if not (dest / "model_index.json").is_file():
+            raise
     return dest
 
 

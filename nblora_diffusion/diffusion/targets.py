@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from ..core import NBLoRAConfig
 
 # UNet attention projections of every BasicTransformerBlock (attn1 self-, attn2 cross-attention)
@@ -82,7 +80,3 @@ def make_config(
         parameterization=parameterization,
         dropout=dropout,
     )
-
-
-def format_p(p: float) -> str | float:
-    return "inf" if math.isinf(p) else p

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import atomic_dir
+
 SAMPLE_SIZE = 8  # latent side: 8 × 8 latents -> 64 × 64 px images through the ×8 VAE
 TEXT_WIDTH = 32  # hidden size of each tiny CLIP text encoder
 MAX_LENGTH = 77  # CLIP's context length, as in the real tokenizers
@@ -197,16 +199,9 @@ def make_tiny_sd(outdir: str | os.PathLike, sdxl: bool = False, seed: int = 0) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pipe = _sdxl_pipeline() if sdxl else _sd_pipeline()
-    tmp = Path(tempfile.mkdtemp(dir=outdir.parent, prefix=f".{outdir.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(outdir) as tmp:
         pipe.save_pretrained(tmp)
         write_bpe_files(tmp)
-        if outdir.exists():
-            outdir.rmdir()
-        os.replace(tmp, outdir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return outdir
 
 

@@ -6,7 +6,6 @@ saved weights need no alpha bookkeeping and compare one-to-one with NB-LoRA's ex
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import diffusion
-from ..core import nblora_layers, nblora_state_dict
+from ..core import nblora_layers
 from ..core.bounds import matrix_schatten_norm, schatten_norm
 from ..core.inject import matches
 from .config import TrainConfig
@@ -274,26 +273,3 @@ def save_peft_kohya(setup: AdapterSetup, path: Path, pipe, resolution: int | Non
     rank = max(v.shape[0] for k, v in kohya.items() if k.endswith("lora_down.weight"))
     atomic_save_safetensors(kohya, path, {"format": "pt", **network_metadata(pipe, rank, resolution)})
     return path
-
-
-def adapter_summary(setup: AdapterSetup) -> dict:
-    n_params = sum(p.numel() for p in setup.trainable_parameters())
-    layers = sum(1 for _ in layer_names(setup))
-    return {
-        "adapter": setup.kind,
-        "trainable_parameters": n_params,
-        "adapted_layers": layers,
-        "p": "inf" if math.isinf(setup.p) else setup.p,
-    }
-
-
-def layer_names(setup: AdapterSetup):
-    for comp, model in setup.models.items():
-        if setup.kind == "nblora":
-            yield from (f"{comp}.{n}" for n, _ in nblora_layers(model))
-        else:
-            yield from (f"{comp}.{n}" for n in setup.bounds.get(comp, {}))
-
-
-def nblora_tensors(setup: AdapterSetup) -> dict[str, torch.Tensor]:
-    return {f"{c}.{k}": v for c, m in setup.models.items() for k, v in nblora_state_dict(m).items()}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.bounds import parse_p
+from ..formats import DEFAULT_BASE_MODEL, p_label
 
 ADAPTERS = ("nblora", "lora", "dora", "pissa")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -23,7 +24,7 @@ REPORT_TO = ("tensorboard", "none")
 TARGET_PRESETS = ("attn", "wide")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 SKELETON_NAMES = ("sd15", "sd21-base", "sd21-v", "sdxl-base")  # diffusion.single_file.SKELETONS
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_MODEL = DEFAULT_BASE_MODEL
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -148,7 +149,7 @@ class TrainConfig:
             p = parse_p(self.norm_p)
         except ValueError as e:
             raise ValueError(f"--norm_p: {e}") from None
-        object.__setattr__(self, "norm_p", "inf" if math.isinf(p) else f"{p:g}")
+        object.__setattr__(self, "norm_p", p_label(p))
         positive_ints = (
             "train_batch_size",
             "gradient_accumulation_steps",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image
+
+from ..fileio import atomic_path
 
 STEPS_CSV = "train_log.csv"
 NORMS_CSV = "norms.csv"
@@ -22,12 +22,10 @@ def _truncate_after(path: Path, fields: tuple[str, ...], step: int) -> None:
         return
     with path.open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= step]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 class RunLog:
@@ -109,16 +107,8 @@ class RunLog:
 
 
 def save_image_atomic(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    with atomic_path(path, mode=0o644) as tmp:
         image.save(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def plot_norms(output_dir: Path) -> Path | None:
@@ -154,13 +144,9 @@ def plot_norms(output_dir: Path) -> Path | None:
     ax2.set(xlabel="step", ylabel="σ₁(W)", title="largest singular value per layer")
     fig.tight_layout()
     out = output_dir / NORM_PLOT
-    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=f".{out.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
+        with atomic_path(out, mode=0o644) as tmp:
+            fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return out

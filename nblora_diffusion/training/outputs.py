@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from .. import diffusion
+from ..fileio import staging_dir
+from ..formats import ADAPTER_CONFIG_FILE, DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, TRAIN_CONFIG_FILE
 from .adapters import AdapterSetup, save_peft_kohya, save_peft_lora
 from .config import TrainConfig
 
-KOHYA_FILE = "kohya_lora.safetensors"
-CONFIG_FILE = "train_config.json"
+KOHYA_FILE = KOHYA_LORA_FILE
+CONFIG_FILE = TRAIN_CONFIG_FILE
 # what a previous run leaves behind (used to refuse or to clean an output folder)
-RUN_MARKERS = (CONFIG_FILE, diffusion.CONFIG_NAME, "pytorch_lora_weights.safetensors", "train_log.csv")
+RUN_MARKERS = (CONFIG_FILE, ADAPTER_CONFIG_FILE, DIFFUSERS_LORA_FILE, "train_log.csv")
 RUN_OUTPUTS = RUN_MARKERS + (KOHYA_FILE, "norms.csv", "norm_curves.png")
 
 
@@ -66,9 +67,7 @@ def write_adapter(
     """The adapter alone in ``folder``: native NB-LoRA (final: plus the diffusers LoRA export and, with
     --export_kohya, the kohya file), or for baselines diffusers' pytorch_lora_weights.safetensors."""
     kohya = final and config.export_kohya
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".adapter.", suffix=".tmp"))
-    try:
+    with staging_dir(folder) as tmp:
         if setup.kind == "nblora":
             diffusion.save_adapter(
                 pipe,
@@ -89,9 +88,7 @@ def write_adapter(
             save_peft_lora(pipe, setup, tmp)
             if kohya:
                 save_peft_kohya(setup, tmp / KOHYA_FILE, pipe, config.resolution)
-        last = [p for p in tmp.iterdir() if p.name == diffusion.CONFIG_NAME]
+        last = [p for p in tmp.iterdir() if p.name == ADAPTER_CONFIG_FILE]
         for p in [p for p in tmp.iterdir() if p not in last] + last:  # the config JSON goes in last
             os.chmod(p, 0o644)  # temporary files are private (0600); outputs are ordinary files
             os.replace(p, folder / p.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -8,12 +8,12 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .. import diffusion
+from ..fileio import atomic_write_text
 from . import checkpoint as ckpt
 from .caching import load_vae
 from .config import TrainConfig
@@ -145,11 +145,7 @@ def prepare_output(config: TrainConfig, out: Path, accelerator) -> None:
 def write_run_config(config: TrainConfig, out: Path, resume: Path | None, accelerator) -> None:
     """train_config.json, once every setup step has passed (a resumed run keeps the original)."""
     if accelerator.is_main_process and resume is None:
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{CONFIG_FILE}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(config.to_json() + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out / CONFIG_FILE)
+        atomic_write_text(out / CONFIG_FILE, config.to_json() + "\n", mode=0o644)
 
 
 def class_photos(
