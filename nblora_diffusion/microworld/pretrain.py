@@ -28,7 +28,8 @@ from .world import COLOR_NAMES, COLORS, KINDS, PATTERNS, POSITIONS, Scene, capti
 
 log = logging.getLogger(__name__)
 STATE_FILE = "pretrain_state.pt"
-_LENGTHS = ("vae_steps", "steps", "save_every")  # may change between a run and its resume
+# may change between a run and its resume (the history records the noise offset of every stretch)
+_MAY_CHANGE = ("vae_steps", "steps", "save_every", "noise_offset")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class PretrainConfig:
     lr: float = 1e-3
     warmup: int = 200
     ema_decay: float = 0.999
+    # per-image, per-channel constant added to the noise: without it the last timesteps keep enough of the
+    # background in the mean of 16 x 16 latents that the UNet reads it from there, never from the prompt
+    noise_offset: float = 0.3
     caption_dropout: float = 0.1  # empty caption: the unconditional branch of classifier-free guidance
     keep_attribute: float = 0.85  # each of colour/background/position named with this probability
     save_every: int = 250
@@ -157,9 +161,11 @@ def encode_pool(
     return torch.cat(means), torch.cat(stds)
 
 
-def _noisy(scheduler, mean, std, g):
+def _noisy(scheduler, mean, std, g, offset: float = 0.0):
     z = mean + std * torch.randn(mean.shape, generator=g)
     noise = torch.randn(z.shape, generator=g)
+    if offset:
+        noise = noise + offset * torch.randn((*z.shape[:2], 1, 1), generator=g)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z),), generator=g)
     return scheduler.add_noise(z, noise, t), noise, t
 
@@ -215,7 +221,7 @@ def train_diffusion(cfg: PretrainConfig, out: Path, state: dict) -> None:
             "" if d else caption(pool[i], g, cfg.keep_attribute)
             for i, d in zip(idx.tolist(), drop, strict=True)
         ]
-        noisy, noise, t = _noisy(scheduler, pool_mean[idx], pool_std[idx], g)
+        noisy, noise, t = _noisy(scheduler, pool_mean[idx], pool_std[idx], g, cfg.noise_offset)
         pred = unet(noisy, t, _encode_text(tokenizer, text_encoder, prompts)).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
@@ -232,7 +238,12 @@ def train_diffusion(cfg: PretrainConfig, out: Path, state: dict) -> None:
             )
         if step % cfg.save_every == 0 or step == cfg.steps:
             matched, mismatched = conditioning_gap(ema_unet, ema_te, tokenizer, probe, shuffled)
-            history.append({"step": step, "loss": loss.item(), "matched": matched, "shuffled": mismatched})
+            history.append(
+                {
+                    "step": step, "loss": loss.item(), "matched": matched, "shuffled": mismatched,
+                    "noise_offset": cfg.noise_offset,
+                }
+            )  # fmt: skip
             log.info(
                 "step %d: probe loss matched %.4f shuffled %.4f (gap %.4f)",
                 step,
@@ -311,9 +322,10 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike) -> Path:
     if (out / STATE_FILE).is_file():
         state = torch.load(out / STATE_FILE, weights_only=False)
         old, new = (
-            {k: v for k, v in c.items() if k not in _LENGTHS} for c in (state.get("config", {}), asdict(cfg))
+            {k: v for k, v in c.items() if k not in _MAY_CHANGE}
+            for c in (state.get("config", {}), asdict(cfg))
         )
-        if old != new:  # only the lengths of the stages may change on resume
+        if old != new:  # only the lengths and the noise offset may change
             raise ValueError(f"{out / STATE_FILE} was made with other settings: {state.get('config')}")
         log.info("resuming from %s", out / STATE_FILE)
     state["config"] = asdict(cfg)
