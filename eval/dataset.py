@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from nblora_diffusion._deprecated import deprecated_names
 from nblora_diffusion.metrics import list_images
 
 PROMPTS_FILE = "prompts_and_classes.txt"
@@ -74,7 +75,10 @@ def read_prompt_lists(path: str | os.PathLike) -> PromptLists:
 
 
 @dataclass(frozen=True)
-class DreamBoothDataset:
+class DreamBoothBenchmark:
+    """The DreamBooth benchmark's subjects and prompt lists (not a torch Dataset: that is
+    ``nblora_diffusion.training.data.DreamBoothDataset``, the training photos)."""
+
     root: Path
     prompts: PromptLists
     subjects: dict[str, Subject]  # subjects listed in the file whose folder holds images
@@ -98,7 +102,7 @@ class DreamBoothDataset:
         return self.prompts.live if subject.live else self.prompts.object
 
 
-def read_dataset(root: str | os.PathLike) -> DreamBoothDataset:
+def read_dataset(root: str | os.PathLike) -> DreamBoothBenchmark:
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"dataset folder not found: {root}")
@@ -111,7 +115,7 @@ def read_dataset(root: str | os.PathLike) -> DreamBoothDataset:
             subjects[name] = Subject(name, noun, folder)
     if not subjects:
         raise ValueError(f"no subject folder of {root / PROMPTS_FILE} exists in {root}")
-    return DreamBoothDataset(root, prompts, subjects)
+    return DreamBoothBenchmark(root, prompts, subjects)
 
 
 def format_prompt(template: str, token: str, class_noun: str) -> str:
@@ -148,3 +152,8 @@ def find_prompts_file(instance_dir: str | os.PathLike) -> Path | None:
     """prompts_and_classes.txt next to a subject folder (DreamBooth layout), if there is one."""
     candidate = Path(instance_dir).resolve().parent / PROMPTS_FILE
     return candidate if candidate.is_file() else None
+
+
+__getattr__ = deprecated_names(
+    __name__, {"DreamBoothDataset": ("eval.dataset.DreamBoothBenchmark", lambda: DreamBoothBenchmark)}
+)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nblora_diffusion.adapters import add_nblora, make_tiny_vit, merge_and_unload
+from nblora_diffusion.adapters import adapt_model, make_tiny_vit, merge_and_unload
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # every Linear of the ViT blocks (transformers >= 5 names); the head is trained in full
@@ -137,7 +137,7 @@ def adapt(
         )
         model = get_peft_model(model, config)
     else:
-        add_nblora(model, rank=rank, p=method["p"], gamma=method["gamma"], preset=TARGETS)
+        adapt_model(model, rank=rank, p=method["p"], gamma=method["gamma"], preset=TARGETS)
         model.classifier.requires_grad_(True)  # the head trains in full, as peft's modules_to_save
     loss = train(model, data["train1"], TARGET, lr, epochs, batch=64, seed=seed)
     row = {

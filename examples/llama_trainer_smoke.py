@@ -23,13 +23,14 @@ import torch
 
 from nblora_diffusion.adapters import (
     PRESETS,
-    add_nblora,
+    adapt_model,
     export_peft,
-    load_adapter,
-    make_config,
+    load_model_adapter,
     make_tiny_llama,
-    save_adapter,
+    preset_config,
+    save_model_adapter,
 )
+from nblora_diffusion.formats import MODEL_ADAPTER_CONFIG_FILE
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = PRESETS["llama"] + ("lm_head",)  # q/k/v/o/gate/up/down and the output head
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     vocab = model.config.vocab_size
     train_data = CountingDataset(args.num_examples, args.seq_len, vocab, seed=args.seed)
     eval_data = CountingDataset(64, args.seq_len, vocab, seed=args.seed + 1)
-    replaced = add_nblora(model, args.config)
+    replaced = adapt_model(model, args.config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     acc_before = next_token_accuracy(model, eval_data)
@@ -110,10 +111,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     ids = eval_data.ids[:8]
     with torch.no_grad():
         reference = model(input_ids=ids).logits
-    save_adapter(model, workdir / "adapter", base_model=str(base_dir))
+    save_model_adapter(model, workdir / "adapter", base_model=str(base_dir))
     export_peft(model, workdir / "peft", base_model=str(base_dir))
     reloaded = LlamaForCausalLM.from_pretrained(base_dir, dtype=dtype).float()
-    load_adapter(reloaded, workdir / "adapter")
+    load_model_adapter(reloaded, workdir / "adapter")
     peft_base = LlamaForCausalLM.from_pretrained(base_dir, dtype=dtype).float()
     peft_model = PeftModel.from_pretrained(peft_base, workdir / "peft").eval()
     with torch.no_grad():
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         "next_token_acc_after": acc_after,
         "checkpoints": checkpoints,
         "checkpoint_has_adapter": all(
-            (workdir / "run" / c / "nblora_config.json").is_file() for c in checkpoints
+            (workdir / "run" / c / MODEL_ADAPTER_CONFIG_FILE).is_file() for c in checkpoints
         ),
         "native_reload_max_abs_diff": native_diff,
         "peft_max_abs_diff": peft_diff,
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"error: --seq_len must be >= 2, got {args.seq_len}", file=sys.stderr)
         raise SystemExit(2)
     try:  # bad --p / --delta / --rank: the library's one-line error, before any work
-        args.config = make_config(rank=args.rank, p=args.p, delta=args.delta, preset=TARGETS)
+        args.config = preset_config(rank=args.rank, p=args.p, delta=args.delta, preset=TARGETS)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

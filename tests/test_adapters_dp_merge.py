@@ -13,15 +13,15 @@ from torch import nn
 from nblora_diffusion import NBLoRALinear
 from nblora_diffusion.adapters import (
     LayerUpdate,
+    adapt_model,
     adapter_updates,
-    add_nblora,
     dp_merge,
     frobenius_bound,
     lora_updates,
     make_tiny_llama,
     nblora_updates,
     project_update,
-    save_adapter,
+    save_model_adapter,
 )
 from nblora_diffusion.core import NBLoRAConfig, inject_nblora, nblora_layers, unload_nblora
 from nblora_diffusion.core.bounds import schatten_norm
@@ -251,12 +251,12 @@ def test_dp_merge_of_saved_llm_adapters_from_separate_data(tmp_path):
     folders = []
     for k in range(3):  # three adapters "trained" on separate data: random points of the bounded set
         model = LlamaForCausalLM.from_pretrained(base_dir)
-        add_nblora(model, rank=2, p=2, gamma=0.5, preset="llama-attn")
+        adapt_model(model, rank=2, p=2, gamma=0.5, preset="llama-attn")
         with torch.no_grad():
             for _, layer in nblora_layers(model):
                 for t in layer.parameters(recurse=False):
                     t.normal_(generator=torch.Generator().manual_seed(k))
-        folders.append(save_adapter(model, tmp_path / f"adapter{k}"))
+        folders.append(save_model_adapter(model, tmp_path / f"adapter{k}"))
     model = LlamaForCausalLM.from_pretrained(base_dir)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     updates = [adapter_updates(model, folder) for folder in folders]
@@ -270,6 +270,6 @@ def test_dp_merge_of_saved_llm_adapters_from_separate_data(tmp_path):
         torch.testing.assert_close(model.get_submodule(name).weight.detach(), W0 + mean)
         assert bound == pytest.approx(0.5 * float(torch.linalg.matrix_norm(W0)), rel=1e-5)  # p = 2: B = δ
         assert report.mean_update_norm[name] <= bound * (1 + 1e-5)
-    add_nblora(model, rank=2, delta=0.1, preset="llama-attn")
+    adapt_model(model, rank=2, delta=0.1, preset="llama-attn")
     with pytest.raises(ValueError, match="already has NB-LoRA adapters"):
         adapter_updates(model, folders[0])

@@ -11,12 +11,12 @@ from safetensors import safe_open
 from transformers import LlamaForCausalLM, ViTForImageClassification
 
 from nblora_diffusion.adapters import (
-    add_nblora,
+    adapt_model,
     export_peft,
-    load_adapter,
-    make_config,
+    load_model_adapter,
     merge_and_unload,
-    save_adapter,
+    preset_config,
+    save_model_adapter,
 )
 from nblora_diffusion.core import nblora_layers, set_nblora_scale
 
@@ -50,7 +50,7 @@ def vit_logits(model):
 @pytest.mark.parametrize("parameterization", ["I", "II"])
 def test_peft_export_gives_identical_llama_logits(llama_dir, tmp_path, parameterization):
     model = LlamaForCausalLM.from_pretrained(llama_dir)
-    add_nblora(model, rank=4, p=2, gamma=0.5, parameterization=parameterization)
+    adapt_model(model, rank=4, p=2, gamma=0.5, parameterization=parameterization)
     randomize(model)
     reference = llama_logits(model)
     assert not torch.allclose(reference, llama_logits(LlamaForCausalLM.from_pretrained(llama_dir)))
@@ -61,7 +61,7 @@ def test_peft_export_gives_identical_llama_logits(llama_dir, tmp_path, parameter
 
 def test_peft_export_gives_identical_vit_logits(vit_dir, tmp_path):
     model = ViTForImageClassification.from_pretrained(vit_dir)
-    add_nblora(model, rank=2, p="inf", delta=0.5)
+    adapt_model(model, rank=2, p="inf", delta=0.5)
     randomize(model)
     export_peft(model, tmp_path / "peft")
     peft_model = PeftModel.from_pretrained(
@@ -72,7 +72,7 @@ def test_peft_export_gives_identical_vit_logits(vit_dir, tmp_path):
 
 def test_peft_folder_layout_keys_and_unit_scaling(llama_dir, tmp_path):
     model = LlamaForCausalLM.from_pretrained(llama_dir)
-    replaced = add_nblora(model, rank=3, delta=0.2, preset="llama-qv")
+    replaced = adapt_model(model, rank=3, delta=0.2, preset="llama-qv")
     export_peft(model, tmp_path / "peft", base_model="org/tiny-llama")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 3
@@ -86,8 +86,8 @@ def test_peft_folder_layout_keys_and_unit_scaling(llama_dir, tmp_path):
 
 def test_peft_export_with_mixed_ranks_and_runtime_scale(llama_dir, tmp_path):
     model = LlamaForCausalLM.from_pretrained(llama_dir)
-    add_nblora(model, make_config(rank=2, delta=0.4, preset="llama-attn"))
-    add_nblora(model, make_config(rank=5, p=1, delta=0.8, preset=["gate_proj", "up_proj", "down_proj"]))
+    adapt_model(model, preset_config(rank=2, delta=0.4, preset="llama-attn"))
+    adapt_model(model, preset_config(rank=5, p=1, delta=0.8, preset=["gate_proj", "up_proj", "down_proj"]))
     randomize(model)
     set_nblora_scale(model, 0.6)  # the inference slider is folded into lora_B
     export_peft(model, tmp_path / "peft")
@@ -103,11 +103,11 @@ def test_peft_export_with_mixed_ranks_and_runtime_scale(llama_dir, tmp_path):
 
 def test_native_save_load_round_trip_restores_logits(llama_dir, tmp_path):
     model = LlamaForCausalLM.from_pretrained(llama_dir)
-    add_nblora(model, rank=3, p=1, gamma=0.4, parameterization="I")
+    adapt_model(model, rank=3, p=1, gamma=0.4, parameterization="I")
     randomize(model)
-    save_adapter(model, tmp_path / "adapter", base_model="org/tiny-llama", note="round trip")
+    save_model_adapter(model, tmp_path / "adapter", base_model="org/tiny-llama", note="round trip")
     fresh = LlamaForCausalLM.from_pretrained(llama_dir)
-    config = load_adapter(fresh, tmp_path / "adapter")  # injects from the saved configs
+    config = load_model_adapter(fresh, tmp_path / "adapter")  # injects from the saved configs
     assert config["base_model_name_or_path"] == "org/tiny-llama" and config["note"] == "round trip"
     assert [n for n, _ in nblora_layers(fresh)] == [n for n, _ in nblora_layers(model)]
     torch.testing.assert_close(llama_logits(fresh), llama_logits(model), rtol=0, atol=0)
@@ -115,7 +115,7 @@ def test_native_save_load_round_trip_restores_logits(llama_dir, tmp_path):
 
 def test_merge_and_unload_matches_the_adapter_forward(vit_dir):
     model = ViTForImageClassification.from_pretrained(vit_dir)
-    add_nblora(model, rank=2, p=2, gamma=0.8, preset="vit-all")
+    adapt_model(model, rank=2, p=2, gamma=0.8, preset="vit-all")
     randomize(model)
     reference = vit_logits(model)
     merged = merge_and_unload(model)
@@ -129,15 +129,15 @@ def test_bad_folders_give_one_line_errors_and_write_nothing(llama_dir, tmp_path)
     with pytest.raises(ValueError, match="no NB-LoRA adapters"):
         export_peft(model, tmp_path / "peft")
     with pytest.raises(ValueError, match="no NB-LoRA adapters"):
-        save_adapter(model, tmp_path / "native")
+        save_model_adapter(model, tmp_path / "native")
     assert not (tmp_path / "peft").exists() and not (tmp_path / "native").exists()
     with pytest.raises(ValueError, match="not an NB-LoRA adapter folder"):
-        load_adapter(model, tmp_path / "missing")
-    add_nblora(model, rank=2, delta=0.1)
-    save_adapter(model, tmp_path / "native")
+        load_model_adapter(model, tmp_path / "missing")
+    adapt_model(model, rank=2, delta=0.1)
+    save_model_adapter(model, tmp_path / "native")
     (tmp_path / "native" / "nblora_adapter.safetensors").write_bytes(b"truncated")
     with pytest.raises(ValueError, match="not a valid safetensors file") as err:
-        load_adapter(LlamaForCausalLM.from_pretrained(llama_dir), tmp_path / "native")
+        load_model_adapter(LlamaForCausalLM.from_pretrained(llama_dir), tmp_path / "native")
     assert "\n" not in str(err.value)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a directory"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, ViTForImageClassification
 
-from nblora_diffusion.adapters import PRESETS, add_nblora, make_config
+from nblora_diffusion.adapters import PRESETS, adapt_model, preset_config
 from nblora_diffusion.core import nblora_layers
 from nblora_diffusion.core.bounds import schatten_norm
 
@@ -23,7 +23,7 @@ def llama(path, **kw):
 
 def test_llama_preset_wraps_every_projection_of_every_block(llama_dir):
     model = llama(llama_dir)
-    replaced = add_nblora(model, rank=2, delta=0.1, preset="llama")
+    replaced = adapt_model(model, rank=2, delta=0.1, preset="llama")
     assert len(replaced) == 7 * LAYERS
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in replaced})
     assert suffixes == sorted(PRESETS["llama"])
@@ -31,26 +31,26 @@ def test_llama_preset_wraps_every_projection_of_every_block(llama_dir):
 
 
 def test_auto_preset_reads_the_model_type(llama_dir, vit_dir):
-    assert len(add_nblora(llama(llama_dir), rank=2, delta=0.1)) == 7 * LAYERS
-    assert len(add_nblora(llama(llama_dir), rank=2, delta=0.1, preset="llama-attn")) == 4 * LAYERS
+    assert len(adapt_model(llama(llama_dir), rank=2, delta=0.1)) == 7 * LAYERS
+    assert len(adapt_model(llama(llama_dir), rank=2, delta=0.1, preset="llama-attn")) == 4 * LAYERS
     vit = ViTForImageClassification.from_pretrained(vit_dir)
-    replaced = add_nblora(vit, rank=2, delta=0.1)  # ViT: query and value only
+    replaced = adapt_model(vit, rank=2, delta=0.1)  # ViT: query and value only
     assert len(replaced) == 2 * LAYERS
     assert {name.rsplit(".", 1)[-1] for name in replaced} <= {"query", "value", "q_proj", "v_proj"}
 
 
 def test_vit_all_preset_wraps_attention_and_mlp_but_not_the_head(vit_dir):
     vit = ViTForImageClassification.from_pretrained(vit_dir)
-    replaced = add_nblora(vit, rank=2, delta=0.1, preset="vit-all")
+    replaced = adapt_model(vit, rank=2, delta=0.1, preset="vit-all")
     assert len(replaced) == 6 * LAYERS
     assert "classifier" not in replaced
 
 
 def test_explicit_module_names_match_on_path_boundaries_only(llama_dir):
     model = llama(llama_dir)
-    assert len(add_nblora(model, rank=2, delta=0.1, preset=["mlp.down_proj"])) == LAYERS
+    assert len(adapt_model(model, rank=2, delta=0.1, preset=["mlp.down_proj"])) == LAYERS
     with pytest.raises(ValueError, match="matches target_modules"):
-        add_nblora(llama(llama_dir), rank=2, delta=0.1, preset=["proj"])  # a substring, not a module name
+        adapt_model(llama(llama_dir), rank=2, delta=0.1, preset=["proj"])  # a substring, not a module name
 
 
 def test_relative_delta_is_gamma_times_each_base_weights_schatten_norm(llama_dir):
@@ -59,7 +59,7 @@ def test_relative_delta_is_gamma_times_each_base_weights_schatten_norm(llama_dir
         base = {
             n: m.weight.detach().double().clone() for n, m in model.named_modules() if n.endswith("_proj")
         }
-        add_nblora(model, rank=2, p=p, gamma=0.3, preset="llama")
+        adapt_model(model, rank=2, p=p, gamma=0.3, preset="llama")
         deltas = {name: layer.delta for name, layer in nblora_layers(model)}
         assert len(deltas) == 7 * LAYERS
         expected = {n: 0.3 * float(schatten_norm(torch.linalg.svdvals(base[n]), p)) for n in deltas}
@@ -70,7 +70,7 @@ def test_relative_delta_is_gamma_times_each_base_weights_schatten_norm(llama_dir
 
 def test_only_adapter_parameters_are_trainable(llama_dir):
     model = llama(llama_dir)
-    add_nblora(model, rank=2, delta=0.1)
+    adapt_model(model, rank=2, delta=0.1)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.rsplit(".", 1)[-1].startswith("nblora_") for n in trainable)
 
@@ -85,12 +85,12 @@ def test_preset_and_argument_errors_are_one_line_value_errors(llama_dir):
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message) as err:
-            add_nblora(model, **kwargs)
+            adapt_model(model, **kwargs)
         assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="no preset for model type"):
-        make_config(rank=2, delta=0.1, model=torch.nn.Linear(2, 2))
+        preset_config(rank=2, delta=0.1, model=torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="either a config"):
-        add_nblora(model, make_config(rank=2, delta=0.1, preset="llama"), rank=3)
+        adapt_model(model, preset_config(rank=2, delta=0.1, preset="llama"), rank=3)
 
 
 def _grads(model, ids):
@@ -101,7 +101,7 @@ def _grads(model, ids):
 
 def test_gradient_checkpointing_gives_the_same_adapter_gradients(llama_dir):
     model = llama(llama_dir)
-    add_nblora(model, rank=3, p=2, gamma=0.5)
+    adapt_model(model, rank=3, p=2, gamma=0.5)
     with torch.no_grad():
         for _, layer in nblora_layers(model):  # away from the W = 0 init, so every gradient is non-trivial
             layer.nblora_B.normal_(std=0.3)
@@ -117,7 +117,7 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(llama_dir):
 
 def test_bf16_model_trains_float32_adapters_within_the_bound(llama_dir):
     model = llama(llama_dir, dtype=torch.bfloat16)
-    add_nblora(model, rank=4, p=2, gamma=0.5)
+    adapt_model(model, rank=4, p=2, gamma=0.5)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert {p.dtype for p in trainable} == {torch.float32}
     opt = torch.optim.AdamW(trainable, lr=0.5, fused=True)  # fused: in-place updates, no version bump

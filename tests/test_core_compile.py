@@ -11,7 +11,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from nblora_diffusion import NBLoRAConfig, inject_nblora
-from nblora_diffusion.adapters import add_nblora
+from nblora_diffusion.adapters import adapt_model
 from nblora_diffusion.adapters.tiny import tiny_llama_config, tiny_vit_config
 from nblora_diffusion.core import nblora_layers, set_nblora_scale
 
@@ -37,7 +37,7 @@ def llama():
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM(tiny_llama_config())
-    add_nblora(model, rank=2, p=2, delta=0.5)  # the "auto" preset: attention and MLP projections
+    adapt_model(model, rank=2, p=2, delta=0.5)  # the "auto" preset: attention and MLP projections
     ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(1))
     return model, (ids,), lambda out: out.logits.float().logsumexp(-1).mean()
 
@@ -46,7 +46,7 @@ def vit():
     from transformers import ViTForImageClassification
 
     model = ViTForImageClassification(tiny_vit_config())
-    add_nblora(model, rank=2, p=3.5, delta=0.5, preset="vit-all", parameterization="I")
+    adapt_model(model, rank=2, p=3.5, delta=0.5, preset="vit-all", parameterization="I")
     images = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     return model, (images,), lambda out: out.logits.square().mean()
 

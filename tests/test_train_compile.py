@@ -9,32 +9,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch._dynamo.testing import CompileCounterWithBackend
+from train_helpers import tiny_config
 
-from nblora_diffusion.testing import tiny_sd_path
 from nblora_diffusion.training import TrainConfig, build_parser, train
 from nblora_diffusion.training import setup as train_setup
 
-DOG = Path(__file__).resolve().parents[1] / "assets" / "dreambooth" / "dog"
-
 
 def config(out: Path, **changes) -> TrainConfig:
-    values = dict(
-        pretrained_model_name_or_path=str(tiny_sd_path()),
-        instance_data_dir=str(DOG),
-        instance_prompt="a photo of sks dog",
-        output_dir=str(out),
-        resolution=32,
+    defaults = dict(
         max_train_steps=3,
         gradient_accumulation_steps=2,
         checkpointing_steps=100,
         learning_rate=1e-2,
         lr_scheduler="linear",  # a learning rate that changes every step
         norm_p="2",
-        seed=0,
-        report_to="none",
     )
-    values.update(changes)
-    return TrainConfig(**values)
+    return tiny_config(out, **{**defaults, **changes})
 
 
 def test_compile_is_an_option_of_the_command_line():

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from train_helpers import DOG, tiny_config
 
 from nblora_diffusion import diffusion
 from nblora_diffusion.testing import make_tiny_sd, tiny_sd_path
@@ -23,29 +24,20 @@ from nblora_diffusion.training.data import DreamBoothDataset, collate, load_phot
 from nblora_diffusion.training.losses import dreambooth_loss
 from nblora_diffusion.training.optim import optimizer_class
 
-DOG = Path(__file__).resolve().parents[1] / "assets" / "dreambooth" / "dog"
 CPU = types.SimpleNamespace(device=torch.device("cpu"))  # what load_base needs of an Accelerator
 FP32_TOL = 10 * torch.finfo(torch.float32).eps  # a batched VAE encoding vs one image at a time
 
 
 def config(out: Path, **changes) -> TrainConfig:
-    values = dict(
-        pretrained_model_name_or_path=str(tiny_sd_path()),
-        instance_data_dir=str(DOG),
-        instance_prompt="a photo of sks dog",
-        output_dir=str(out),
-        resolution=32,
+    defaults = dict(
         train_batch_size=2,
         random_flip=True,
         max_train_steps=3,
         checkpointing_steps=3,
         learning_rate=5e-2,
         norm_bound=0.5,
-        seed=0,
-        report_to="none",
     )
-    values.update(changes)
-    return TrainConfig(**values)
+    return tiny_config(out, **{**defaults, **changes})
 
 
 def trained(cfg: TrainConfig) -> dict[str, torch.Tensor]:
@@ -256,14 +248,19 @@ def test_noise_offset_zero_is_no_offset_and_an_offset_shifts_each_channel(uncach
     prompts = PromptEncoder(pipe, False, "a photo of sks dog", None, train_text=False)
     batch = collate([DreamBoothDataset(load_photos(DOG), 32)[i] for i in range(4)])
     latents = torch.zeros(4, 4, 4, 4)  # noisy = sqrt(1 - ᾱ) · noise: the loss equals the noise's mean square
+    inputs = dict(
+        latents_of=lambda b: latents,
+        noise_scheduler=scheduler,
+        prompts=prompts,
+        resolution=32,
+        weight_dtype=torch.float32,
+    )
     losses = {}
     for offset in (0.0, 1.0):
         torch.manual_seed(0)
-        losses[offset] = dreambooth_loss(
-            batch, unet, lambda b: latents, scheduler, prompts, 32, torch.float32, noise_offset=offset
-        )
+        losses[offset] = dreambooth_loss(batch, unet, noise_offset=offset, **inputs)
     torch.manual_seed(0)
-    default = dreambooth_loss(batch, unet, lambda b: latents, scheduler, prompts, 32, torch.float32)
+    default = dreambooth_loss(batch, unet, **inputs)
     assert torch.equal(default, losses[0.0])
     assert losses[1.0] > 1.5 * losses[0.0], "an offset of 1 adds a unit-variance shift per (example, channel)"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import tiny_config
 
 from nblora_diffusion import diffusion
 from nblora_diffusion.testing import tiny_sd_path
@@ -19,24 +20,14 @@ from nblora_diffusion.training.adapters import add_adapters
 from nblora_diffusion.training.config import ADAPTERS
 from nblora_diffusion.training.sampling import ensure_class_images
 
-DOG = Path(__file__).resolve().parents[1] / "assets" / "dreambooth" / "dog"
-
 
 def config(out: Path, **changes) -> TrainConfig:
-    values = dict(
-        pretrained_model_name_or_path=str(tiny_sd_path()),
-        instance_data_dir=str(DOG),
-        instance_prompt="a photo of sks dog",
-        output_dir=str(out),
-        resolution=32,
+    defaults = dict(
         max_train_steps=2,
         checkpointing_steps=1,
         learning_rate=1e-2,
-        seed=0,
-        report_to="none",
     )
-    values.update(changes)
-    return TrainConfig(**values)
+    return tiny_config(out, **{**defaults, **changes})
 
 
 def _unet_out(pipe, seed: int = 0) -> torch.Tensor:
@@ -153,7 +144,20 @@ def test_prior_preservation_and_text_encoders_train_on_sdxl(tmp_path):
         assert b and all(v.shape[0] == 2 for v in b)  # text_encoder_rank
         assert any(v.abs().max() > 0 for v in b), f"{name} adapters did not train (B̃ still 0)"
     # the next run finds the class images and generates none
-    assert ensure_class_images(None, class_dir, "a photo of dog", 2, 2, 32, 0, 2, sdxl=True) == 0
+    assert (
+        ensure_class_images(
+            None,
+            class_dir,
+            prompt="a photo of dog",
+            num=2,
+            steps=2,
+            resolution=32,
+            seed=0,
+            batch_size=2,
+            sdxl=True,
+        )
+        == 0
+    )
 
 
 def test_non_finite_loss_stops_naming_step_and_keeps_last_checkpoint(tmp_path):

@@ -1,8 +1,13 @@
-"""NB-LoRA for transformers LLMs and ViTs: presets, PEFT-format export, DP merging.
+"""NB-LoRA for transformers LLMs and ViTs: presets, adapter folders, PEFT-format export, DP merging.
 
-Everything goes through the core's ``inject_nblora``; presets are data (``PRESETS``).
+Everything goes through the core's ``inject_nblora``; presets are data (``PRESETS``). The names say they
+act on one model (``adapt_model``, ``save_model_adapter``), where ``nblora_diffusion.diffusion``'s act on a
+pipeline (``add_nblora``, ``save_adapter``). The old names of this package (``add_nblora``, ``make_config``,
+``resolve_targets``, ``save_adapter``, ``load_adapter``) still work for one release, with a
+DeprecationWarning.
 """
 
+from .._deprecated import deprecated_names
 from .dp_merge import (
     DPMergeReport,
     LayerUpdate,
@@ -13,8 +18,8 @@ from .dp_merge import (
     nblora_updates,
     project_update,
 )
-from .io import export_peft, load_adapter, merge_and_unload, peft_lora_config_dict, save_adapter
-from .presets import MODEL_TYPE_PRESETS, PRESETS, add_nblora, make_config, resolve_targets
+from .io import export_peft, load_model_adapter, merge_and_unload, peft_lora_config_dict, save_model_adapter
+from .presets import MODEL_TYPE_PRESETS, PRESETS, adapt_model, preset_config, preset_modules
 from .tiny import make_tiny_llama, make_tiny_vit, tiny_llama_config, tiny_vit_config
 
 __all__ = [
@@ -23,25 +28,36 @@ __all__ = [
     "MODEL_TYPE_PRESETS",
     "NBLoRACheckpointCallback",
     "PRESETS",
+    "adapt_model",
     "adapter_updates",
-    "add_nblora",
     "dp_merge",
     "export_peft",
     "frobenius_bound",
-    "load_adapter",
+    "load_model_adapter",
     "lora_updates",
-    "make_config",
     "make_tiny_llama",
     "make_tiny_vit",
     "merge_and_unload",
     "nblora_updates",
     "peft_lora_config_dict",
+    "preset_config",
+    "preset_modules",
     "project_update",
-    "resolve_targets",
-    "save_adapter",
+    "save_model_adapter",
     "tiny_llama_config",
     "tiny_vit_config",
 ]
+
+_renamed = deprecated_names(
+    __name__,
+    {
+        "add_nblora": ("adapt_model", lambda: adapt_model),
+        "make_config": ("preset_config", lambda: preset_config),
+        "resolve_targets": ("preset_modules", lambda: preset_modules),
+        "save_adapter": ("save_model_adapter", lambda: save_model_adapter),
+        "load_adapter": ("load_model_adapter", lambda: load_model_adapter),
+    },
+)
 
 
 def __getattr__(name: str):
@@ -50,4 +66,4 @@ def __getattr__(name: str):
         from .trainer import NBLoRACheckpointCallback
 
         return NBLoRACheckpointCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _renamed(name)

@@ -65,17 +65,17 @@ def nblora_updates(model: nn.Module) -> dict[str, LayerUpdate]:
 
 
 def adapter_updates(model: nn.Module, folder: str | os.PathLike) -> dict[str, LayerUpdate]:
-    """Updates of a saved adapter folder (``save_adapter`` layout) for ``model``, leaving ``model`` as it was.
+    """Updates of a saved adapter folder (``save_model_adapter`` layout) for ``model``, left as it was.
 
     The adapter is loaded (injected), its updates and bounds taken, and the plain layers put back
     unmerged, so K folders give the K inputs of ``dp_merge`` for the same base model.
     """
-    from .io import load_adapter
+    from .io import load_model_adapter
 
     if any(True for _ in nblora_layers(model)):
         raise ValueError("model already has NB-LoRA adapters: pass the plain base model")
     try:
-        load_adapter(model, folder)
+        load_model_adapter(model, folder)
         return nblora_updates(model)
     finally:
         unload_nblora(model, merge=False)

@@ -1,4 +1,5 @@
-"""Adapter folders for transformers models: the native format and the PEFT LoRA format."""
+"""Adapter folders for transformers models: the native format (``save_model_adapter``: weights +
+``nblora_adapter_config.json``) and the PEFT LoRA format (``export_peft``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .._deprecated import deprecated_names
 from ..core import (
     atomic_save_safetensors,
     export_lora_state_dict,
@@ -20,11 +22,19 @@ from ..core import (
     unload_nblora,
 )
 from ..fileio import atomic_write_json
+from ..formats import (
+    LEGACY_MODEL_ADAPTER_CONFIG_FILE,
+    MODEL_ADAPTER_CONFIG_FILE,
+    MODEL_ADAPTER_FORMAT,
+    MODEL_ADAPTER_WEIGHTS_FILE,
+    PEFT_CONFIG_FILE,
+    PEFT_WEIGHTS_FILE,
+)
 
-WEIGHTS_NAME = "nblora_adapter.safetensors"
-CONFIG_NAME = "nblora_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # the names peft.PeftModel.from_pretrained looks for
-PEFT_CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = MODEL_ADAPTER_WEIGHTS_FILE
+CONFIG_NAME = MODEL_ADAPTER_CONFIG_FILE
+PEFT_WEIGHTS_NAME = PEFT_WEIGHTS_FILE
+PEFT_CONFIG_NAME = PEFT_CONFIG_FILE
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for the wrapped model
 
 
@@ -41,12 +51,14 @@ def _base_model_name(model: nn.Module, base_model: str | None) -> str | None:
 def _require_adapters(model: nn.Module, what: str) -> list:
     layers = list(nblora_layers(model))
     if not layers:
-        raise ValueError(f"model has no NB-LoRA adapters to {what}: call add_nblora first")
+        raise ValueError(f"model has no NB-LoRA adapters to {what}: call adapt_model first")
     return layers
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model: str | None = None, **extra) -> Path:
-    """Write ``folder/nblora_adapter.safetensors`` and ``folder/nblora_config.json``; returns the folder.
+def save_model_adapter(
+    model: nn.Module, folder: str | os.PathLike, base_model: str | None = None, **extra
+) -> Path:
+    """Write ``folder/nblora_adapter.safetensors`` and ``folder/nblora_adapter_config.json``; returns folder.
 
     The config records the base model, the injected configs (preset names, p, δ or γ, rank,
     parameterization) and any ``extra`` JSON-serialisable fields. Weights are written first, each file
@@ -59,7 +71,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model: str | 
     name = _base_model_name(model, base_model)
     save_nblora(model, folder / WEIGHTS_NAME, base_model=name or "")
     config = {
-        "format": "nblora",
+        "format": MODEL_ADAPTER_FORMAT,
         "base_model_name_or_path": name,
         "configs": injected_configs(model),
         "modules": [n for n, _ in layers],
@@ -69,14 +81,17 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model: str | 
     return folder
 
 
-def load_adapter(model: nn.Module, folder: str | os.PathLike) -> dict:
-    """Load an adapter folder written by ``save_adapter`` (injecting first if the model has no adapters).
+def load_model_adapter(model: nn.Module, folder: str | os.PathLike) -> dict:
+    """Load an adapter folder written by ``save_model_adapter`` (injecting first if the model has no
+    adapters). Folders from before the config file's rename (``nblora_config.json``) still load.
 
     Returns the folder's config. ValueError for a missing folder, a missing or corrupt file, or
     weights that do not fit the model.
     """
     folder = Path(folder)
     config_path = folder / CONFIG_NAME
+    if not config_path.is_file() and (folder / LEGACY_MODEL_ADAPTER_CONFIG_FILE).is_file():
+        config_path = folder / LEGACY_MODEL_ADAPTER_CONFIG_FILE
     if not config_path.is_file():
         raise ValueError(f"{folder} is not an NB-LoRA adapter folder: {CONFIG_NAME} not found")
     try:
@@ -140,3 +155,12 @@ def export_peft(
     atomic_save_safetensors(tensors, folder / PEFT_WEIGHTS_NAME, {"format": "pt"})
     _write_json(config, folder / PEFT_CONFIG_NAME)
     return folder
+
+
+__getattr__ = deprecated_names(
+    __name__,
+    {
+        "save_adapter": ("nblora_diffusion.adapters.save_model_adapter", lambda: save_model_adapter),
+        "load_adapter": ("nblora_diffusion.adapters.load_model_adapter", lambda: load_model_adapter),
+    },
+)

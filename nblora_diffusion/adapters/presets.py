@@ -1,4 +1,5 @@
-"""Target presets for transformers models: data only, injected by the core's ``inject_nblora``."""
+"""Target presets for transformers models (data) and ``adapt_model``, which injects them with the core's
+``inject_nblora``. The diffusion package has its own presets (``diffusion.targets``) for pipelines."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from .._deprecated import deprecated_names
 from ..core import NBLoRAConfig, inject_nblora
 
 _LLAMA_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -37,7 +39,7 @@ MODEL_TYPE_PRESETS: dict[str, str] = {
 }
 
 
-def resolve_targets(preset: str | Sequence[str], model: nn.Module | None = None) -> tuple[str, ...]:
+def preset_modules(preset: str | Sequence[str], model: nn.Module | None = None) -> tuple[str, ...]:
     """Module names for a preset name, "auto" (from ``model.config.model_type``) or explicit names."""
     if isinstance(preset, str):
         if preset == "auto":
@@ -59,7 +61,7 @@ def resolve_targets(preset: str | Sequence[str], model: nn.Module | None = None)
     return names
 
 
-def make_config(
+def preset_config(
     rank: int = 8,
     p: float | str = math.inf,
     delta: float | None = None,
@@ -75,28 +77,38 @@ def make_config(
         p=p,
         delta=delta,
         gamma=gamma,
-        target_modules=resolve_targets(preset, model),
+        target_modules=preset_modules(preset, model),
         parameterization=parameterization,
         dropout=dropout,
     )
 
 
-def add_nblora(
+def adapt_model(
     model: nn.Module,
     config: NBLoRAConfig | None = None,
     **kwargs,
 ) -> list[str]:
     """Inject NB-LoRA into a transformers (or any torch) model; returns the replaced module names.
 
-    Either a ready ``config`` or the keyword arguments of ``make_config`` (``preset="auto"`` reads the
+    Either a ready ``config`` or the keyword arguments of ``preset_config`` (``preset="auto"`` reads the
     model type). Only the adapter parameters (``nblora_*``) of the replaced layers are trainable; the
     rest of the model is frozen, as in PEFT.
     """
     if config is None:
-        config = make_config(model=model, **kwargs)
+        config = preset_config(model=model, **kwargs)
     elif kwargs:
-        raise ValueError(f"pass either a config or make_config keywords, not both (got {sorted(kwargs)})")
+        raise ValueError(f"pass either a config or preset_config keywords, not both (got {sorted(kwargs)})")
     replaced = inject_nblora(model, config)
     for name, param in model.named_parameters():
         param.requires_grad_(name.rsplit(".", 1)[-1].startswith("nblora_"))
     return replaced
+
+
+__getattr__ = deprecated_names(
+    __name__,
+    {
+        "add_nblora": ("nblora_diffusion.adapters.adapt_model", lambda: adapt_model),
+        "make_config": ("nblora_diffusion.adapters.preset_config", lambda: preset_config),
+        "resolve_targets": ("nblora_diffusion.adapters.preset_modules", lambda: preset_modules),
+    },
+)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._deprecated import deprecated_names
 from ..core import (
     NBLoRAConfig,
     NBLoRALinear,
@@ -39,7 +40,7 @@ _RESERVED = frozenset(
 )  # fmt: skip
 
 
-def resolve_targets(model: nn.Module, config: NBLoRAConfig, component: str = "model") -> NBLoRAConfig:
+def linear_targets(model: nn.Module, config: NBLoRAConfig, component: str = "model") -> NBLoRAConfig:
     """The config with its targets restricted to nn.Linear modules of ``model``.
 
     A target name whose matches are all non-Linear (SD1.x's Conv2d proj_in/proj_out under the wide
@@ -85,7 +86,7 @@ def add_nblora(
     plan = [("unet", unet)] if unet is not None else []
     if text_encoder is not None:
         plan += [(name, text_encoder) for name in TEXT_ENCODERS if name in parts]
-    resolved = [(name, resolve_targets(parts[name], cfg, name)) for name, cfg in plan]  # validates all first
+    resolved = [(name, linear_targets(parts[name], cfg, name)) for name, cfg in plan]  # validates all first
     fresh = {name for name, _ in plan if not any(True for _ in nblora_layers(parts[name]))}
     grad_flags = [(t, t.requires_grad) for name in fresh for t in parts[name].parameters()]
     replaced: dict[str, list[str]] = {}
@@ -246,3 +247,9 @@ def load_adapter(pipe, folder: str | os.PathLike) -> dict:
         )
         raise ValueError(f"cannot load adapter {folder}: {e}{hint}") from None
     return info
+
+
+__getattr__ = deprecated_names(
+    __name__,
+    {"resolve_targets": ("nblora_diffusion.diffusion.adapter.linear_targets", lambda: linear_targets)},
+)

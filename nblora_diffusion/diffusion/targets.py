@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .._deprecated import deprecated_names
 from ..core import NBLoRAConfig
 
 # UNet attention projections of every BasicTransformerBlock (attn1 self-, attn2 cross-attention)
@@ -32,7 +33,7 @@ TARGET_PRESETS: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {
 }
 ARCHITECTURES = tuple(TARGET_PRESETS)
 COMPONENTS = ("unet", "text_encoder")
-PRESETS = ("attn", "wide")
+PRESET_NAMES = ("attn", "wide")  # the presets of every architecture and component
 
 
 def preset_targets(preset: str = "attn", component: str = "unet", arch: str | None = None) -> tuple[str, ...]:
@@ -43,8 +44,8 @@ def preset_targets(preset: str = "attn", component: str = "unet", arch: str | No
         raise ValueError(f"architecture must be one of {list(ARCHITECTURES)}, got {arch!r}")
     if component not in COMPONENTS:
         raise ValueError(f"component must be one of {list(COMPONENTS)}, got {component!r}")
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
+    if preset not in PRESET_NAMES:
+        raise ValueError(f"preset must be one of {list(PRESET_NAMES)}, got {preset!r}")
     return TARGET_PRESETS[arch][component][preset]
 
 
@@ -80,3 +81,8 @@ def make_config(
         parameterization=parameterization,
         dropout=dropout,
     )
+
+
+__getattr__ = deprecated_names(
+    __name__, {"PRESETS": ("nblora_diffusion.diffusion.targets.PRESET_NAMES", lambda: PRESET_NAMES)}
+)

@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._deprecated import deprecated_names
 from ..core.bounds import parse_p
+from ..diffusion.targets import PRESET_NAMES
 from ..formats import DEFAULT_BASE_MODEL, p_label
 
 ADAPTERS = ("nblora", "lora", "dora", "pissa")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 REPORT_TO = ("tensorboard", "none")
-TARGET_PRESETS = ("attn", "wide")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 SKELETON_NAMES = ("sd15", "sd21-base", "sd21-v", "sdxl-base")  # diffusion.single_file.SKELETONS
 DEFAULT_MODEL = DEFAULT_BASE_MODEL
@@ -111,7 +112,7 @@ class TrainConfig:
     )
     parameterization: str = _opt("II", "NB-LoRA parameterization", choices=("I", "II"))
     target_preset: str = _opt(
-        "attn", "adapted modules: attention projections or attention + MLP", choices=TARGET_PRESETS
+        "attn", "adapted modules: attention projections or attention + MLP", choices=PRESET_NAMES
     )
     adapter_dropout: float = _opt(0.0, "dropout on the adapter input")
     text_encoder_rank: int | None = _opt(None, "text-encoder adapter rank (default: --rank)")
@@ -321,3 +322,9 @@ def demo_overrides(model_path: str | Path, assets: Path, output_dir: str | Path)
         "validation_inference_steps": 10,
         "seed": 0,
     }
+
+
+__getattr__ = deprecated_names(
+    __name__,
+    {"TARGET_PRESETS": ("nblora_diffusion.diffusion.targets.PRESET_NAMES", lambda: PRESET_NAMES)},
+)

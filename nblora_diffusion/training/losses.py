@@ -7,12 +7,26 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .._deprecated import keyword_only_since
 from .text import PromptEncoder, time_ids
 
 
+@keyword_only_since(
+    2,
+    (
+        "latents_of",
+        "noise_scheduler",
+        "prompts",
+        "resolution",
+        "weight_dtype",
+        "prior_loss_weight",
+        "snr_gamma",
+    ),
+)
 def dreambooth_loss(
     batch: dict,
     unet,
+    *,
     latents_of: Callable[[dict], torch.Tensor],
     noise_scheduler,
     prompts: PromptEncoder,
@@ -21,6 +35,8 @@ def dreambooth_loss(
     prior_loss_weight: float = 1.0,
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
+    output_preservation_weight: float = 0.0,
+    adapter_setup=None,
 ) -> torch.Tensor:
     """Mean noise-prediction error on the instance half plus ``prior_loss_weight`` × the class half.
 
@@ -29,6 +45,8 @@ def dreambooth_loss(
     Every random draw (VAE posterior sample, noise, noise offset, timesteps) comes from the global RNG,
     which checkpoints save and restore. ``noise_offset`` adds offset·randn(B, C, 1, 1) to the noise (a
     per-channel shift that lets the model learn overall brightness); 0 draws nothing.
+    ``output_preservation_weight`` > 0 adds that weight × ‖ε_θ − ε_base‖² on the instance half's noisy
+    latents under the class prompt (``preservation``; ``adapter_setup`` switches the adapter off).
     """
     latents = latents_of(batch).to(weight_dtype)  # (B, 4, S/8, S/8)
     device = latents.device
@@ -50,6 +68,15 @@ def dreambooth_loss(
             "text_embeds": pooled.to(weight_dtype),
             "time_ids": ids.to(device, weight_dtype),
         }
+    if output_preservation_weight:  # the base target first: see preservation.base_prediction
+        from .preservation import base_prediction
+
+        keep = {k: {n: v[:n_inst] for n, v in d.items()} for k, d in kwargs.items()}
+        class_embeds, class_pooled = prompts(0, n_inst)
+        if class_pooled is not None:
+            keep["added_cond_kwargs"]["text_embeds"] = class_pooled.to(weight_dtype)
+        keep_args = (noisy[:n_inst], timesteps[:n_inst], class_embeds.to(weight_dtype))
+        base = base_prediction(adapter_setup, *keep_args, **keep)
     pred = unet(noisy, timesteps, embeds.to(weight_dtype), **kwargs).sample
 
     kind = noise_scheduler.config.prediction_type
@@ -70,4 +97,7 @@ def dreambooth_loss(
     loss = per_example[:n_inst].mean()
     if bsz > n_inst:
         loss = loss + prior_loss_weight * per_example[n_inst:].mean()
+    if output_preservation_weight:
+        kept = unet(*keep_args, **keep).sample
+        loss = loss + output_preservation_weight * F.mse_loss(kept.float(), base.float())
     return loss

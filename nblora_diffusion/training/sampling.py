@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .._deprecated import keyword_only_since
 from .data import count_images
 from .logs import save_image_atomic
 
@@ -25,19 +26,23 @@ def _devices(device: torch.device) -> list:
     return [device] if device.type == "cuda" else []
 
 
+@keyword_only_since(2, ("num", "steps", "resolution", "seed", "batch_size", "sdxl", "progress"))
 @torch.no_grad()
 def generate(
     pipe,
     prompt: str,
+    *,
     num: int,
     steps: int,
     resolution: int,
     seed: int,
-    batch_size: int,
     sdxl: bool,
+    batch_size: int | None = None,
     progress: bool = False,
 ) -> list[Image.Image]:
-    """``num`` images of ``prompt`` from the pipeline as it is (with or without adapters)."""
+    """``num`` images of ``prompt`` from the pipeline as it is (with or without adapters), ``batch_size``
+    at a time (default: all at once)."""
+    batch_size = batch_size or num
     device = pipe.unet.device
     images: list[Image.Image] = []
     autocast = (
@@ -74,9 +79,11 @@ def generate(
     return images
 
 
+@keyword_only_since(2, ("prompt", "num", "steps", "resolution", "seed", "batch_size", "sdxl"))
 def ensure_class_images(
     pipe,
     class_dir: Path,
+    *,
     prompt: str,
     num: int,
     steps: int,
@@ -96,7 +103,17 @@ def ensure_class_images(
     if missing <= 0:
         return 0
     log.info("generating %d class images of %r in %s", missing, prompt, class_dir)
-    images = generate(pipe, prompt, missing, steps, resolution, seed + have, batch_size, sdxl, progress=True)
+    images = generate(
+        pipe,
+        prompt,
+        num=missing,
+        steps=steps,
+        resolution=resolution,
+        seed=seed + have,
+        batch_size=batch_size,
+        sdxl=sdxl,
+        progress=True,
+    )
     for i, image in enumerate(images):
         digest = hashlib.sha1(image.tobytes()).hexdigest()[:12]
         save_image_atomic(image, class_dir / f"{have + i:05d}-{digest}.png")

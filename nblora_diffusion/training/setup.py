@@ -158,13 +158,13 @@ def class_photos(
         ensure_class_images(
             pipe,
             class_dir,
-            config.class_prompt,
-            config.num_class_images,
-            config.class_inference_steps,
-            resolution,
-            seed,
-            config.sample_batch_size,
-            sdxl,
+            prompt=config.class_prompt,
+            num=config.num_class_images,
+            steps=config.class_inference_steps,
+            resolution=resolution,
+            seed=seed,
+            batch_size=config.sample_batch_size,
+            sdxl=sdxl,
         )
     accelerator.wait_for_everyone()
     return load_photos(class_dir, resolution, "class")[: config.num_class_images]
