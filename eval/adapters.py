@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nblora_diffusion import diffusion
@@ -31,6 +31,7 @@ class AdapterRef:
     base_model: str | None
     token: str | None
     run: str = "run"  # label of the run folder (the series in plots, the sub-folder of cached scores)
+    delta_prime: float | None = None  # NB-LoRA slider: scored at inference bound δ' (None: as trained)
 
     def digest(self) -> str:
         """sha256 over the adapter's weight and config files: a changed checkpoint is scored again."""
@@ -44,6 +45,8 @@ class AdapterRef:
             with open(self.path / name, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
+        if self.delta_prime is not None:
+            h.update(f"delta_prime={self.delta_prime!r}".encode())
         return h.hexdigest()
 
 
@@ -115,6 +118,13 @@ def discover(path: str | os.PathLike) -> list[AdapterRef]:
     return refs
 
 
+def sweep(ref: AdapterRef, deltas: list[float]) -> list[AdapterRef]:
+    """One NB-LoRA adapter at several inference bounds δ' (the slider; no retraining)."""
+    if ref.kind != "nblora":
+        raise ValueError(f"--sweep_delta needs an NB-LoRA adapter, {ref.path} is a {ref.kind} adapter")
+    return [replace(ref, name=f"{ref.name}@delta{d:g}", delta_prime=float(d)) for d in deltas]
+
+
 def same_model(a: str, b: str) -> bool:
     """Two base-model references name the same model (same folder on disk, or the same hub id)."""
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
@@ -144,6 +154,8 @@ def apply(pipe, ref: AdapterRef) -> None:
     clear(pipe)
     if ref.kind == "nblora":
         diffusion.load_adapter(pipe, ref.path)
+        if ref.delta_prime is not None:
+            diffusion.set_norm_bound(pipe, delta_prime=ref.delta_prime)
     else:
         try:
             pipe.load_lora_weights(str(ref.path))

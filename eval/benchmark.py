@@ -17,16 +17,20 @@ import dataclasses
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
-from nblora_diffusion.metrics import MetricConfig, list_images
+from nblora_diffusion.metrics import MetricConfig, Protocol, get_protocol, list_images, strip_token
+from nblora_diffusion.metrics.protocols import drift_prompts
 
 from . import adapters as adapter_io
 from .dataset import DreamBoothDataset, Subject, format_prompt, prompt_templates, read_dataset
 from .methods import Method, read_methods
+from .peft_results import write_peft_results
 from .report import read_json, write_json
 from .score import GenerationConfig, Scorer, clip_texts
 from .tables import write_benchmark_report
@@ -52,9 +56,16 @@ class BenchmarkSpec:
     report_steps: tuple[int, ...] | None = None
     train_subprocess: bool = False
     allow_other_base: bool = False
+    protocol: Protocol = field(default_factory=lambda: get_protocol("default"))
+    drift_prompts: str = "eval"  # protocols.DRIFT_PROMPT_SETS or a file
+    sweep_delta: tuple[float, ...] = ()  # δ' at which every NB-LoRA method's final adapter is scored
 
     @classmethod
-    def from_args(cls, a, metrics: MetricConfig, gen: GenerationConfig) -> BenchmarkSpec:
+    def from_args(
+        cls, a, metrics: MetricConfig, gen: GenerationConfig, protocol: Protocol, drift: str = "eval"
+    ) -> BenchmarkSpec:
+        from .cli import sweep_deltas
+
         dataset = read_dataset(a.dataset)
         _, methods = read_methods(a.methods)
         try:
@@ -80,11 +91,14 @@ class BenchmarkSpec:
             token=a.token,
             prompts=a.prompts,
             max_prompts=a.max_prompts,
-            keep_token=a.keep_token,
+            keep_token=protocol.keep_token,
             shard=(i, n),
             report_steps=steps,
             train_subprocess=a.train_subprocess,
             allow_other_base=a.allow_other_base,
+            protocol=protocol,
+            drift_prompts=drift,
+            sweep_delta=tuple(sweep_deltas(a.sweep_delta)),
         )
 
     def settings(self) -> dict:
@@ -98,6 +112,8 @@ class BenchmarkSpec:
             "metrics": self.metrics.describe(),
             "generation": self.gen.describe(),
             "dataset": str(self.dataset.root.resolve()),
+            **({"protocol": self.protocol.name} if self.protocol.name != "default" else {}),
+            **({"drift_prompts": self.drift_prompts} if "drift" in self.metrics.metrics else {}),
         }
 
     def units(self) -> list[tuple[Subject, Method]]:
@@ -169,6 +185,9 @@ def train_unit(spec: BenchmarkSpec, s: Subject, m: Method) -> None:
             )
         return
     resume = {"resume_from_checkpoint": "latest"} if checkpoints(run) else {"overwrite_output_dir": True}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
     if spec.train_subprocess:
         cmd = [sys.executable, str(ROOT / "train_dreambooth.py"), *_cli_args({**opts, **resume})]
         done = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -179,7 +198,10 @@ def train_unit(spec: BenchmarkSpec, s: Subject, m: Method) -> None:
         result = train(TrainConfig(**opts, **resume))
         if result.stopped:
             raise ValueError(f"training {m.name} on {s.name} stopped at step {result.final_step}")
-    write_json(run / TRAINED, {"options": opts})
+    info = {"train_time": time.perf_counter() - t0}  # this session's (a resumed unit: since the resume)
+    if torch.cuda.is_available() and not spec.train_subprocess:
+        info["accelerator_memory_max"] = torch.cuda.max_memory_reserved()
+    write_json(run / TRAINED, {"options": opts, **info})
 
 
 def unit_done(spec: BenchmarkSpec, s: Subject, m: Method) -> bool:
@@ -188,7 +210,14 @@ def unit_done(spec: BenchmarkSpec, s: Subject, m: Method) -> bool:
 
 def score_unit(spec: BenchmarkSpec, scorer: Scorer, s: Subject, m: Method) -> dict:
     refs = [dataclasses.replace(r, run=m.id) for r in adapter_io.discover(spec.run_dir(s, m))]
+    if spec.sweep_delta and refs[-1].kind == "nblora":  # the final adapter along the slider
+        refs += adapter_io.sweep(refs[-1], list(spec.sweep_delta))
     prompts = spec.prompts_for(s)
+    texts = clip_texts(prompts, spec.token, spec.keep_token)
+    drift = None
+    if "drift" in spec.metrics.metrics and isinstance(spec.metrics, MetricConfig):
+        free = [strip_token(p, spec.token) for p in prompts]
+        drift = drift_prompts(spec.drift_prompts, s.class_noun, free)
     info = {
         "subject": s.name,
         "class_noun": s.class_noun,
@@ -201,11 +230,12 @@ def score_unit(spec: BenchmarkSpec, scorer: Scorer, s: Subject, m: Method) -> di
         refs,
         list_images(s.folder),
         prompts,
-        clip_texts(prompts, spec.token, spec.keep_token),
+        texts,
         spec.score_dir(s, m),
         info=info,
         progress=False,
         plots=False,  # the benchmark report has the curves of every method
+        drift_texts=drift,
     )
 
 
@@ -241,7 +271,11 @@ def run(spec: BenchmarkSpec, report_only: bool = False) -> int:
         )
         if todo:
             scorer = Scorer(
-                spec.base_model, spec.metrics, spec.gen, allow_other_base=spec.allow_other_base
+                spec.base_model,
+                spec.metrics,
+                spec.gen,
+                allow_other_base=spec.allow_other_base,
+                protocol=spec.protocol,
             ).load()
             for s, m in tqdm(todo, desc="benchmark", unit="unit"):
                 train_unit(spec, s, m)
@@ -254,6 +288,7 @@ def run(spec: BenchmarkSpec, report_only: bool = False) -> int:
             file=sys.stderr,
         )
         return 0 if not report_only else 1
+    write_peft_results(spec, units)
     reports = {
         (s.name, m.id): json.loads((spec.score_dir(s, m) / "report.json").read_text(encoding="utf-8"))
         for s, m in units
@@ -265,6 +300,7 @@ def run(spec: BenchmarkSpec, report_only: bool = False) -> int:
         reports,
         spec.metrics.metrics,
         spec.report_steps,
+        protocol=spec.protocol,
     )
     print(paths["md"].read_text(encoding="utf-8"))
     print(f"report: {paths['md'].parent}")

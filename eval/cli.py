@@ -12,7 +12,16 @@ import logging
 import sys
 from pathlib import Path
 
-from nblora_diffusion.metrics import METRICS, MICRO_METRICS, MetricConfig, MicroWorldConfig
+from nblora_diffusion.metrics import (
+    METRICS,
+    MICRO_METRICS,
+    PROTOCOLS,
+    MetricConfig,
+    MicroWorldConfig,
+    Protocol,
+    get_protocol,
+)
+from nblora_diffusion.metrics.protocols import DRIFT_PROMPT_SETS
 
 from .dataset import PROMPT_SETS
 
@@ -24,35 +33,52 @@ def _metric_list(text: str) -> tuple[str, ...]:
 
 
 def add_metric_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("metric models (hub id / open_clip name or a local folder or file)")
-    g.add_argument("--dino_model", default=_DEFAULT.dino_model, help="transformers ViT (DINO) id or folder")
+    g = p.add_argument_group(
+        "protocol and metric models (hub id / open_clip name or a local folder or file; "
+        "unset options take the protocol's value)"
+    )
+    g.add_argument(
+        "--protocol",
+        default="default",
+        choices=tuple(PROTOCOLS),
+        help="the published protocol to reproduce: models, pairing, token handling, selection, columns "
+        "(README: Evaluation protocols)",
+    )
+    g.add_argument("--dino_model", default=None, help="transformers DINO ViT or DINOv2 id or folder")
     g.add_argument(
         "--clip_model",
-        default=_DEFAULT.clip_model,
+        default=None,
         help="open_clip architecture (ViT-B-32, ViT-L-14, ...) or an open_clip local-dir folder",
     )
     g.add_argument(
         "--clip_pretrained",
-        default=_DEFAULT.clip_pretrained,
+        default=None,
         help="open_clip pretrained tag or checkpoint file (ignored for a folder)",
     )
-    g.add_argument("--lpips_net", default=_DEFAULT.lpips_net, choices=("alex", "vgg", "squeeze"))
+    g.add_argument("--lpips_net", default=None, choices=("alex", "vgg", "squeeze"))
     g.add_argument(
         "--lpips_model",
         default=None,
         help="full LPIPS state dict file (default: ImageNet trunk "
         "from the torch hub cache + the lpips package's linear layers)",
     )
-    g.add_argument("--lpips_size", type=int, default=_DEFAULT.lpips_size, help="LPIPS image size in px")
+    g.add_argument("--lpips_size", type=int, default=None, help="LPIPS image size in px")
     g.add_argument(
         "--no_center_crop", action="store_true", help="do not center-crop images to a square first"
     )
     g.add_argument(
         "--metrics",
         type=_metric_list,
-        default=METRICS,
-        help=f"comma-separated subset of {','.join(METRICS)}; or microworld (the micro world's judges: "
+        default=None,
+        help=f"comma-separated subset of {','.join(METRICS)} (drift: PEFT's forgetting, 1 - mean DINO "
+        f"cosine of base and adapted images); or microworld (the micro world's judges: "
         f"{','.join(MICRO_METRICS)}), or a subset of those",
+    )
+    g.add_argument(
+        "--drift_prompts",
+        default=None,
+        help="prompts of the drift metric: eval (the prompts without the token), peft (PEFT's 10, "
+        "with the class noun) or a file, one per line ({class_noun} allowed)",
     )
     g.add_argument("--metric_batch_size", type=int, default=_DEFAULT.batch_size)
     g.add_argument(
@@ -61,23 +87,54 @@ def add_metric_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep_token", action="store_true", help="CLIP-T with the rare token kept in the prompt")
 
 
+def protocol_of(a: argparse.Namespace) -> Protocol:
+    """The protocol with the command line's token handling and drift prompts folded in."""
+    p = get_protocol(a.protocol)
+    changes = {"keep_token": p.keep_token or a.keep_token}
+    if a.drift_prompts in DRIFT_PROMPT_SETS:
+        changes["drift_prompts"] = a.drift_prompts
+    return dataclasses.replace(p, **changes)
+
+
+def drift_spec(a: argparse.Namespace) -> str:
+    return a.drift_prompts or get_protocol(a.protocol).drift_prompts
+
+
 def metric_config(a: argparse.Namespace) -> MetricConfig | MicroWorldConfig:
-    if a.metrics == ("microworld",):
+    metrics = a.metrics
+    micro_only = set(MICRO_METRICS) - set(METRICS)
+    if metrics == ("microworld",):
         return MicroWorldConfig()
-    if a.metrics and set(a.metrics) <= set(MICRO_METRICS):
-        return MicroWorldConfig(metrics=a.metrics)
-    return MetricConfig(
+    if metrics and set(metrics) <= set(MICRO_METRICS) and set(metrics) & micro_only:
+        return MicroWorldConfig(metrics=metrics)
+    p = get_protocol(a.protocol)
+    config = p.metric_config(
         dino_model=a.dino_model,
         clip_model=a.clip_model,
-        clip_pretrained=a.clip_pretrained or None,
+        clip_pretrained=a.clip_pretrained,
         lpips_net=a.lpips_net,
         lpips_model=a.lpips_model,
         lpips_size=a.lpips_size,
-        center_crop=not a.no_center_crop,
+        center_crop=p.center_crop and not a.no_center_crop,
         device=a.metric_device,
         batch_size=a.metric_batch_size,
-        metrics=a.metrics,
+        metrics=metrics,
     )
+    if a.clip_pretrained == "":  # --clip_pretrained "": no pretrained tag
+        config = dataclasses.replace(config, clip_pretrained=None)
+    return config
+
+
+def sweep_deltas(text: str | None) -> list[float]:
+    if not text:
+        return []
+    try:
+        deltas = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--sweep_delta must be comma-separated numbers, got {text!r}") from None
+    if not deltas or any(not d >= 0 or d == float("inf") for d in deltas):
+        raise ValueError(f"--sweep_delta needs finite numbers >= 0, got {text!r}")
+    return deltas
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -158,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--token", default=None, help="rare token (default: the adapter's, else sks)")
     s.add_argument("--out", required=True, help="report folder")
+    s.add_argument(
+        "--sweep_delta",
+        default=None,
+        help="comma-separated inference bounds δ' (e.g. 0,0.25,0.5,1): also score each NB-LoRA run's "
+        "last adapter at every δ' with the norm-bound slider, without retraining",
+    )
     add_generation_args(s)
     add_metric_args(s)
 
@@ -186,13 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="train each unit with `python train_dreambooth.py ...` instead of in this process",
     )
     b.add_argument("--report_only", action="store_true", help="only (re)write the report from finished units")
+    b.add_argument(
+        "--sweep_delta",
+        default=None,
+        help="comma-separated δ': also score every NB-LoRA method's final adapter at each δ' (the slider); "
+        "the report plots the sweep beside the methods trained at those δ",
+    )
     add_generation_args(b)
     add_metric_args(b)
     return parser
 
 
 def run_score(a: argparse.Namespace) -> int:
-    from nblora_diffusion.metrics import list_images
+    from nblora_diffusion.metrics import list_images, strip_token
+    from nblora_diffusion.metrics.protocols import drift_prompts
 
     from . import adapters as adapter_io
     from .dataset import find_prompts_file, format_prompt, prompt_templates, read_prompt_lists
@@ -218,24 +288,42 @@ def run_score(a: argparse.Namespace) -> int:
         if labels[label] > 1:
             label = f"{label}-{labels[label]}"
         refs += [dataclasses.replace(r, run=label) for r in found]
+    deltas = sweep_deltas(a.sweep_delta)
+    if deltas:
+        last = {r.run: r for r in refs}  # each run's last adapter (discover sorts by step)
+        nblora = [r for r in last.values() if r.kind == "nblora"]
+        if not nblora:
+            raise ValueError("--sweep_delta needs at least one NB-LoRA run among --adapters")
+        refs += [x for r in nblora for x in adapter_io.sweep(r, deltas)]
     token = a.token or next((r.token for r in refs if r.token), None) or "sks"
     templates = prompt_templates(a.prompts, class_noun, prompts_file)[: a.max_prompts]
     prompts = [format_prompt(t, token, class_noun) for t in templates]
-    scorer = Scorer(a.base_model, metric_config(a), generation_config(a), allow_other_base=a.allow_other_base)
+    protocol = protocol_of(a)
+    texts = clip_texts(prompts, token, protocol.keep_token)
+    metrics = metric_config(a)
+    scorer = Scorer(
+        a.base_model, metrics, generation_config(a), allow_other_base=a.allow_other_base, protocol=protocol
+    )
     scorer.check(refs)  # before loading anything
+    drift = (
+        drift_prompts(drift_spec(a), class_noun, [strip_token(p, token) for p in prompts])
+        if "drift" in metrics.metrics and isinstance(metrics, MetricConfig)
+        else None
+    )
     scorer.load()
     report = scorer.score_subject(
         refs,
         real,
         prompts,
-        clip_texts(prompts, token, a.keep_token),
+        texts,
         a.out,
         info={
             "subject": Path(a.instance_dir).resolve().name,
             "class_noun": class_noun,
             "token": token,
-            "keep_token": a.keep_token,
+            "keep_token": protocol.keep_token,
         },
+        drift_texts=drift,
     )
     out = Path(a.out)
     print((out / "report.md").read_text(encoding="utf-8"))
@@ -248,7 +336,7 @@ def run_score(a: argparse.Namespace) -> int:
 def run_benchmark(a: argparse.Namespace) -> int:
     from .benchmark import BenchmarkSpec, run
 
-    spec = BenchmarkSpec.from_args(a, metric_config(a), generation_config(a))
+    spec = BenchmarkSpec.from_args(a, metric_config(a), generation_config(a), protocol_of(a), drift_spec(a))
     return run(spec, report_only=a.report_only)
 
 

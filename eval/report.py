@@ -98,8 +98,9 @@ def curves_plot(
     metric: str,
     series: dict[str, list[tuple[int, float]]],
     reference: float | None = None,
+    xlabel: str = "training step",
 ) -> Path:
-    """One metric vs training step, one line per series; the real-images value as a dashed line."""
+    """One metric vs training step (or ``xlabel``), one line per series; the real-images value dashed."""
     fig, ax = figure()
     for label, points in series.items():
         points = sorted((s, v) for s, v in points if s is not None and not math.isnan(v))
@@ -109,8 +110,9 @@ def curves_plot(
         ax.axhline(reference, color="grey", linestyle="--", label="real images")
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("training step")
+    if xlabel == "training step":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(NAMES.get(metric, metric))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

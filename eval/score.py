@@ -22,8 +22,11 @@ from nblora_diffusion.metrics import (
     MetricConfig,
     MicroWorldConfig,
     PairStat,
+    Protocol,
     drift_score,
+    get_protocol,
     make_suite,
+    select_best_per_prompt,
     strip_token,
 )
 
@@ -106,12 +109,19 @@ class Scorer:
         metrics: MetricConfig | MicroWorldConfig | None = None,
         gen: GenerationConfig | None = None,
         allow_other_base: bool = False,
+        protocol: Protocol | None = None,
     ) -> None:
         self.base_model = str(base_model)
+        self.protocol = protocol or get_protocol("default")
         self.gen = gen or GenerationConfig()
         self.allow_other_base = allow_other_base
         self.suite = make_suite(metrics)
         self._pipe = None
+
+    @property
+    def _per_prompt(self) -> bool:
+        """Per-prompt numbers are kept for HRA's best-step-per-prompt selection (DINO/CLIP suite)."""
+        return self.protocol.selection == "best_per_prompt" and hasattr(self.suite, "score_groups")
 
     @property
     def pipe(self):
@@ -150,13 +160,16 @@ class Scorer:
         info: dict | None = None,
         progress: bool = True,
         plots: bool = True,
+        drift_texts: list[str] | None = None,
     ) -> dict:
         """Score every adapter in ``refs`` on one subject and write the report into ``out``.
 
-        ``prompts`` are the generation prompts (with the token), ``texts`` what CLIP-T compares with.
+        ``prompts`` are the generation prompts (with the token), ``texts`` what CLIP-T compares with,
+        ``drift_texts`` the prompts drift is measured on (default: ``texts``).
         """
         self.check(refs)
         out = Path(out)
+        drift_texts = list(texts if drift_texts is None else drift_texts)
         settings = {
             "metrics": self.suite.config.describe(),
             "generation": self.gen.describe(),
@@ -164,6 +177,7 @@ class Scorer:
             "clip_t_texts": texts,
             "base_model": self.base_model,
             "real_images": [(p.name, p.stat().st_size) for p in real],
+            **({"drift_texts": drift_texts} if drift_texts != list(texts) else {}),
         }
         key = _fingerprint(settings)
         rows = []
@@ -173,12 +187,13 @@ class Scorer:
             unit="ckpt",
             disable=not progress,
         ):
-            rows.append(self._score_one(ref, real, prompts, texts, out, key))
+            rows.append(self._score_one(ref, real, prompts, texts, drift_texts, out, key))
         adapter_io.clear(self.pipe)
         real_row = self.suite.reference(real, texts)
         report = {
             **(info or {}),
             "settings": settings,
+            "protocol": self.protocol.describe(),
             "metrics": list(self.suite.config.metrics),
             "real": {m: s.to_dict() for m, s in real_row.items()},
             "checkpoints": rows,
@@ -195,13 +210,13 @@ class Scorer:
             self._drift_key = key
         return self._drift_images
 
-    def _score_one(self, ref, real, prompts, texts, out: Path, key: str) -> dict:
+    def _score_one(self, ref, real, prompts, texts, drift_texts, out: Path, key: str) -> dict:
         cache = out / "scores" / ref.run / f"{ref.name}.json"
         digest = ref.digest()
         hit = read_json(cache)
         if hit and hit.get("fingerprint") == key and hit.get("adapter_sha256") == digest:
             return hit["row"]
-        drift_base = self._drift_base(texts) if "drift" in self.suite.config.metrics else None
+        drift_base = self._drift_base(drift_texts) if "drift" in self.suite.config.metrics else None
         adapter_io.apply(self.pipe, ref)
         groups = generate(self.pipe, prompts, self.gen, desc=f"generating {ref.name}")
         if self.gen.save_images:
@@ -210,10 +225,15 @@ class Scorer:
             for i, group in enumerate(groups):
                 for j, image in enumerate(group):
                     image.save(folder / f"p{i:02d}_{j}.png")
-        stats = self.suite.score(real, groups, texts)
-        if drift_base is not None:  # the same seeds on the prompts without the token, base vs adapted
-            adapted = generate(self.pipe, texts, self.gen, desc=f"drift {ref.name}")
-            stats["drift"] = drift_score(sum(drift_base, []), sum(adapted, []))
+        per_prompt = self.suite.score_groups(real, groups, texts) if self._per_prompt else None
+        if per_prompt is not None:
+            stats = {m: sum(v, PairStat(0.0, 0)) for m, v in per_prompt.items()}
+        else:
+            stats = self.suite.score(real, groups, texts)
+        if drift_base is not None:  # the same seeds on the drift prompts, base vs adapted
+            adapted = generate(self.pipe, drift_texts, self.gen, desc=f"drift {ref.name}")
+            drift = getattr(self.suite, "drift", drift_score)  # DINO cosine (PEFT); pixels (micro world)
+            stats["drift"] = drift(sum(drift_base, []), sum(adapted, []))
             stats = {m: stats[m] for m in self.suite.config.metrics}
         row = {
             "run": ref.run,
@@ -221,8 +241,11 @@ class Scorer:
             "step": ref.step,
             "kind": ref.kind,
             "path": str(ref.path),
+            **({"delta_prime": ref.delta_prime} if ref.delta_prime is not None else {}),
             "metrics": {m: s.to_dict() for m, s in stats.items()},
         }
+        if per_prompt is not None:
+            row["per_prompt"] = {m: [x.to_dict() for x in v] for m, v in per_prompt.items()}
         write_json(cache, {"fingerprint": key, "adapter_sha256": digest, "row": row})
         return row
 
@@ -239,6 +262,7 @@ def table_rows(report: dict) -> list[dict]:
                 "run": r["run"],
                 "name": r["name"],
                 "step": r["step"],
+                "delta_prime": r.get("delta_prime"),
                 **{m: PairStat.from_dict(s).mean for m, s in r["metrics"].items()},
             }
         )
@@ -253,19 +277,73 @@ def table_rows(report: dict) -> list[dict]:
     return rows
 
 
+def selected_rows(report: dict) -> list[dict]:
+    """One row per run by the protocol's selection rule (best DINO step, HRA's best step per prompt,
+    or the last step), over the checkpoints as trained (slider-sweep rows aside)."""
+    protocol = get_protocol(report.get("protocol", {}).get("name", "default"))
+    out = []
+    for run in dict.fromkeys(r["run"] for r in report["checkpoints"]):
+        rows = [r for r in report["checkpoints"] if r["run"] == run and r.get("delta_prime") is None]
+        rows = [r for r in rows if r["step"] is not None] or rows
+        if not rows:
+            continue
+        means = [{m: PairStat.from_dict(s).mean for m, s in r["metrics"].items()} for r in rows]
+        rule = protocol.selection
+        if rule == "best_per_prompt" and all("per_prompt" in r for r in rows):
+            n = len(next(iter(rows[0]["per_prompt"].values())))
+            units = [
+                {
+                    r["step"]: {
+                        **{m: PairStat.from_dict(v[k]).mean for m, v in r["per_prompt"].items()},
+                        **({"drift": mm["drift"]} if "drift" in mm else {}),
+                    }
+                    for r, mm in zip(rows, means, strict=True)
+                }
+                for k in range(n)
+            ]
+            steps, values = select_best_per_prompt(units, [m for m in rows[0]["per_prompt"]])
+            out.append({"run": run, "rule": rule, "step": ",".join(map(str, steps)), **values})
+            continue
+        if rule == "best_dino" and "dino" in means[0]:
+            i = max(range(len(rows)), key=lambda i: (means[i]["dino"], -(rows[i]["step"] or 0)))
+        else:
+            rule, i = "final", max(range(len(rows)), key=lambda i: rows[i]["step"] or 0)
+        out.append({"run": run, "rule": rule, "step": rows[i]["step"], **means[i]})
+    return out
+
+
 def write_score_report(report: dict, out: Path, plots: bool = True) -> dict[str, Path]:
     metrics = [m for m in ALL_METRICS if m in report["metrics"]]
+    protocol = get_protocol(report.get("protocol", {}).get("name", "default"))
     rows = table_rows(report)
-    paths = {"csv": write_csv(out / "report.csv", rows, ["run", "name", "step", *metrics])}
+    sweep = any(r.get("delta_prime") is not None for r in rows)
+    head = ["run", "name", "step", *(["delta_prime"] if sweep else []), *metrics]
+    paths = {"csv": write_csv(out / "report.csv", rows, head)}
     title = f"# Scores: {report.get('subject', 'subject')}\n\n" if report.get("subject") else ""
-    columns = [("run", "run"), ("name", "checkpoint"), ("step", "step"), *((m, NAMES[m]) for m in metrics)]
-    text = title + markdown_table(rows, columns)
+    named = [(m, protocol.column(m, NAMES[m])) for m in metrics]
+    columns = [("run", "run"), ("name", "checkpoint"), ("step", "step")]
+    columns += [("delta_prime", "δ'")] if sweep else []
+    text = title + markdown_table(rows, columns + named)
+    report["selected"] = selected_rows(report)
+    if report["selected"]:
+        text += f"\nSelected by protocol {protocol.name} ({protocol.selection}):\n\n"
+        text += markdown_table(
+            report["selected"], [("run", "run"), ("rule", "rule"), ("step", "step(s)"), *named]
+        )
     paths["md"] = write_text(out / "report.md", text)
     real = {m: PairStat.from_dict(s).mean for m, s in report["real"].items()}
     for m in metrics if plots else ():
         series: dict[str, list] = {}
+        swept: dict[str, list] = {}
         for r in rows[:-1]:
-            series.setdefault(r["run"], []).append((r["step"], r[m]))
+            if r.get("delta_prime") is None:
+                series.setdefault(r["run"], []).append((r["step"], r[m]))
+            else:
+                swept.setdefault(r["run"], []).append((r["delta_prime"], r[m]))
         paths[m] = curves_plot(out / "plots" / f"{m}.png", m, series, real.get(m))
+        if swept:
+            paths[f"sweep_{m}"] = curves_plot(
+                out / "plots" / f"sweep_{m}.png", m, swept, real.get(m), xlabel="inference bound δ'"
+            )
     paths["json"] = write_json(out / "report.json", report)  # last: a unit with report.json is complete
     return paths

@@ -5,7 +5,9 @@ without models; ``MetricSuite`` ties them together for one subject.
 """
 
 from .extractors import (
+    DEFAULT_METRICS,
     METRICS,
+    PAIRINGS,
     ClipFeatures,
     DinoFeatures,
     LpipsFeatures,
@@ -14,10 +16,12 @@ from .extractors import (
     resolve_device,
 )
 from .microworld import MICRO_METRICS, MicroWorldConfig, MicroWorldSuite, drift_score, prompt_attributes
+from .protocols import PROTOCOLS, Protocol, get_protocol, select_best_per_prompt
 from .scoring import (
     PairStat,
     cosine_score,
     cross_pairs,
+    drift_from_features,
     matched_cosine_score,
     mean_of_means,
     mean_std,
@@ -28,7 +32,7 @@ from .scoring import (
 )
 from .suite import MetricSuite, list_images
 
-ALL_METRICS = METRICS + MICRO_METRICS
+ALL_METRICS = tuple(dict.fromkeys(METRICS + MICRO_METRICS))  # "drift" is in both suites
 
 
 def make_suite(config: MetricConfig | MicroWorldConfig | None = None) -> MetricSuite | MicroWorldSuite:
@@ -45,6 +49,13 @@ def fidelity_metrics(metrics) -> tuple[str | None, str | None]:
 
 __all__ = [
     "ALL_METRICS",
+    "DEFAULT_METRICS",
+    "PAIRINGS",
+    "PROTOCOLS",
+    "Protocol",
+    "get_protocol",
+    "select_best_per_prompt",
+    "drift_from_features",
     "MICRO_METRICS",
     "METRICS",
     "MicroWorldConfig",

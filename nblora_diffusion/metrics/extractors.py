@@ -16,7 +16,9 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import functional as TF
 
-METRICS = ("dino", "clip_i", "clip_t", "lpips_div", "lpips_ref")
+METRICS = ("dino", "clip_i", "clip_t", "lpips_div", "lpips_ref", "drift")
+DEFAULT_METRICS = METRICS[:5]  # drift needs base-model images: opt-in (or a protocol that lists it)
+PAIRINGS = ("all", "matched")  # every photo x every image | prompt k's images x photo k (PEFT's test pairs)
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,8 @@ class MetricConfig:
     center_crop: bool = True  # square center crop before every metric: real photos need not be square
     device: str | None = None  # None: cuda when present, else cpu
     batch_size: int = 32
-    metrics: tuple[str, ...] = field(default=METRICS)
+    metrics: tuple[str, ...] = field(default=DEFAULT_METRICS)
+    pairing: str = "all"  # dino/clip_i/lpips_ref pairs: every photo x every image, or "matched" (PAIRINGS)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metrics", tuple(self.metrics))
@@ -41,6 +44,8 @@ class MetricConfig:
             raise ValueError(
                 f"metrics must be a non-empty subset of {list(METRICS)}, got {list(self.metrics)}"
             )
+        if self.pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got {self.pairing!r}")
         if self.lpips_net not in ("alex", "vgg", "squeeze"):
             raise ValueError(f"lpips_net must be alex, vgg or squeeze, got {self.lpips_net!r}")
         if self.batch_size < 1 or self.lpips_size < 32:
@@ -58,6 +63,7 @@ class MetricConfig:
             "lpips_model": self.lpips_model,
             "lpips_size": self.lpips_size,
             "center_crop": self.center_crop,
+            **({"pairing": self.pairing} if self.pairing != "all" else {}),  # earlier reports stay valid
         }
 
 
@@ -92,12 +98,13 @@ def _one_line(e: BaseException) -> str:
 
 
 class DinoFeatures:
-    """DINO ViT CLS token of the last hidden state (not the pooler), as in the DreamBooth protocol."""
+    """DINO ViT CLS token of the last hidden state (not the pooler), as in the DreamBooth protocol; a
+    DINOv2 folder or hub id (``facebook/dinov2-base``) gives its CLS token the same way, as PEFT's does."""
 
     def __init__(
         self, name: str, device: torch.device, batch_size: int = 32, center_crop: bool = True
     ) -> None:
-        from transformers import AutoImageProcessor, ViTModel
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel, ViTModel
         from transformers.utils import logging as hf_logging
 
         verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -105,7 +112,10 @@ class DinoFeatures:
         hf_logging.disable_progress_bar()
         try:
             self.processor = AutoImageProcessor.from_pretrained(name)
-            self.model = ViTModel.from_pretrained(name, add_pooling_layer=False).to(device).eval()
+            if AutoConfig.from_pretrained(name).model_type == "vit":  # DINO v1: ViTModel, no pooler
+                self.model = ViTModel.from_pretrained(name, add_pooling_layer=False).to(device).eval()
+            else:  # DINOv2 (PEFT's image-gen benchmark): the same CLS token of the last hidden state
+                self.model = AutoModel.from_pretrained(name).to(device).eval()
         except (OSError, ValueError) as e:
             raise ValueError(
                 f"DINO model {name!r} not found (hub id offline and not cached, or not a ViT folder; "

@@ -124,3 +124,27 @@ def strip_token(prompt: str, token: str) -> str:
         return prompt
     out = re.sub(rf"(?<!\S){re.escape(token)}(?!\S)", " ", prompt)
     return " ".join(out.split())
+
+
+def drift_from_features(base: torch.Tensor, adapted: torch.Tensor) -> PairStat:
+    """Forgetting as PEFT's image-gen benchmark measures it: 1 − cosine of the base model's and the
+    adapted model's image of the same prompt and seed (DINO features (N, D) each); the mean over the
+    pairs is 1 − mean cosine (huggingface/peft method_comparison/image-gen/run.py, ``measure_drift``)."""
+    if base.shape != adapted.shape or base.ndim != 2 or not len(base):
+        raise ValueError(
+            f"drift needs two non-empty (N, D) features of one shape, got {tuple(base.shape)} and "
+            f"{tuple(adapted.shape)}"
+        )
+    cos = torch.nn.functional.cosine_similarity(base.double(), adapted.double(), dim=1)  # (N,)
+    return PairStat.of(1 - cos)
+
+
+def matched_rows(group_sizes: Sequence[int], n_real: int) -> torch.Tensor:
+    """The photo each generated image is paired with under 1:1 pairing: prompt k's images with photo
+    k mod n_real -> (N,), N = Σ group sizes (PEFT's test pairs: each test prompt with its own photo)."""
+    if n_real < 1:
+        raise ValueError(f"matched pairing needs at least one photo, got {n_real}")
+    return torch.cat(
+        [torch.full((k,), i % n_real, dtype=torch.long) for i, k in enumerate(group_sizes)]
+        or [torch.zeros(0, dtype=torch.long)]
+    )

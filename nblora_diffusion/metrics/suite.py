@@ -17,7 +17,9 @@ from .extractors import ClipFeatures, DinoFeatures, LpipsFeatures, MetricConfig,
 from .scoring import (
     PairStat,
     cosine_score,
-    matched_cosine_score,
+    drift_from_features,
+    matched_rows,
+    pairwise_cosine,
     within_group_pairs,
 )
 
@@ -50,7 +52,7 @@ class MetricSuite:
     def load(self) -> MetricSuite:
         """Load every model the configured metrics need (fails fast on a missing model)."""
         c, kw = self.config, {"batch_size": self.config.batch_size, "center_crop": self.config.center_crop}
-        if self.wants("dino") and self._dino is None:
+        if self.wants("dino", "drift") and self._dino is None:
             self._dino = DinoFeatures(c.dino_model, self.device, **kw)
         if self.wants("clip_i", "clip_t") and self._clip is None:
             self._clip = ClipFeatures(c.clip_model, c.clip_pretrained, self.device, **kw)
@@ -92,11 +94,19 @@ class MetricSuite:
     def score(
         self, real: Sequence[str | os.PathLike], groups: Sequence[Sequence[Image.Image]], texts: Sequence[str]
     ) -> dict[str, PairStat]:
-        """Scores of generated images against one subject's photos.
+        """Scores of generated images against one subject's photos, pooled over the prompts."""
+        return {m: sum(per, PairStat(0.0, 0)) for m, per in self.score_groups(real, groups, texts).items()}
+
+    def score_groups(
+        self, real: Sequence[str | os.PathLike], groups: Sequence[Sequence[Image.Image]], texts: Sequence[str]
+    ) -> dict[str, list[PairStat]]:
+        """Per-prompt scores of generated images against one subject's photos: metric -> one PairStat
+        per prompt (the best-epoch-per-prompt selection of the HRA protocol needs them apart).
 
         ``groups[k]`` are the images of prompt k and ``texts[k]`` the text CLIP-T compares them with.
-        dino/clip_i/lpips_ref: every real photo vs every generated image; clip_t: each image vs its text;
-        lpips_div: every pair of images within one prompt.
+        dino/clip_i/lpips_ref: every real photo vs every generated image (pairing "all") or prompt k's
+        images vs photo k mod N ("matched"); clip_t: each image vs its text; lpips_div: every pair of
+        images within one prompt. Drift needs base-model images: see :meth:`drift`.
         """
         if len(groups) != len(texts):
             raise ValueError(f"got {len(groups)} image groups for {len(texts)} prompts")
@@ -107,19 +117,26 @@ class MetricSuite:
         if not images:
             raise ValueError("no generated images to score")
         R = self.real_features(real)
-        out: dict[str, PairStat] = {}
+        out: dict[str, list[PairStat]] = {}
         if self.wants("dino"):
-            out["dino"] = cosine_score(self._dino.features(images), R["dino"])
+            out["dino"] = self._per_group(pairwise_cosine(self._dino.features(images), R["dino"]), sizes)
         if self.wants("clip_i", "clip_t"):
             G = self._clip.features(images)
             if self.wants("clip_i"):
-                out["clip_i"] = cosine_score(G, R["clip"])
+                out["clip_i"] = self._per_group(pairwise_cosine(G, R["clip"]), sizes)
             if self.wants("clip_t"):
                 T = self._clip.text_features(texts).repeat_interleave(torch.tensor(sizes), dim=0)  # (N, D)
-                out["clip_t"] = matched_cosine_score(G, T)
+                sims = torch.nn.functional.cosine_similarity(G.double(), T.double(), dim=1)  # (N,)
+                out["clip_t"] = [PairStat.of(x) for x in sims.split(sizes)]
         if self.wants("lpips_div", "lpips_ref"):
             out.update(self._lpips_scores(groups, R["lpips"]))
-        return {m: out[m] for m in self.config.metrics}
+        return {m: out[m] for m in self.config.metrics if m in out}
+
+    def _per_group(self, sims: torch.Tensor, sizes: Sequence[int]) -> list[PairStat]:
+        """(N, R) image-vs-photo values -> one PairStat per prompt, under the configured pairing."""
+        if self.config.pairing == "matched":
+            sims = sims.gather(1, matched_rows(sizes, sims.shape[1])[:, None])  # (N, 1): its own photo
+        return [PairStat.of(block) for block in sims.split(list(sizes))]
 
     def _lpips_scores(self, groups: Sequence[Sequence[Image.Image]], real: list[torch.Tensor]) -> dict:
         # whole prompt groups per chunk, so diversity pairs never span two chunks
@@ -128,16 +145,44 @@ class MetricSuite:
             if chunks[-1] and sum(map(len, chunks[-1])) + len(g) > self.config.batch_size:
                 chunks.append([])
             chunks[-1].append(g)
-        div, ref = PairStat(0.0, 0), PairStat(0.0, 0)
+        div, ref, done = [], [], 0
         for chunk in chunks:
             images = [im for g in chunk for im in g]
+            sizes = [len(g) for g in chunk]
             if not images:
+                div += [PairStat(0.0, 0)] * len(chunk)
+                ref += [PairStat(0.0, 0)] * len(chunk)
                 continue
             F = self._lpips.features(images)
-            pairs = within_group_pairs([len(g) for g in chunk])
-            div = div + PairStat.of(self._lpips.pairwise(F, F)[pairs[:, 0], pairs[:, 1]])
-            ref = ref + PairStat.of(self._lpips.pairwise(F, real))
+            within = self._lpips.pairwise(F, F)
+            start = 0
+            for k in sizes:
+                pairs = within_group_pairs([k]) + start
+                div.append(PairStat.of(within[pairs[:, 0], pairs[:, 1]]))
+                start += k
+            dist = self._lpips.pairwise(F, real)  # (n, R)
+            if self.config.pairing == "matched":  # photo index continues across chunks
+                rows = matched_rows([0] * done + sizes, dist.shape[1])
+                dist = dist.gather(1, rows[:, None])
+            ref += [PairStat.of(block) for block in dist.split(sizes)]
+            done += len(chunk)
         return {"lpips_div": div, "lpips_ref": ref}
+
+    def drift(self, base: Sequence[Image.Image], adapted: Sequence[Image.Image]) -> PairStat:
+        """PEFT's drift, 1 − mean DINO cosine of base-model and adapted images of the same prompts and
+        seeds (forgetting; 0 = the base model's images)."""
+        if len(base) != len(adapted) or not base:
+            raise ValueError(
+                f"drift needs matching non-empty image lists, got {len(base)} and {len(adapted)}"
+            )
+        if self._dino is None:  # drift alone: only the DINO model
+            self._dino = DinoFeatures(
+                self.config.dino_model,
+                self.device,
+                batch_size=self.config.batch_size,
+                center_crop=self.config.center_crop,
+            )
+        return drift_from_features(self._dino.features(list(base)), self._dino.features(list(adapted)))
 
     def reference(self, real: Sequence[str | os.PathLike], texts: Sequence[str]) -> dict[str, PairStat]:
         """The real-images row, same code: real vs real (i ≠ j); CLIP-T of each photo with each text."""
@@ -155,4 +200,5 @@ class MetricSuite:
             pairs = within_group_pairs([len(real)])
             d = PairStat.of(self._lpips.pairwise(R["lpips"], R["lpips"])[pairs[:, 0], pairs[:, 1]])
             out["lpips_div"] = out["lpips_ref"] = d  # among the photos, diversity and distance coincide
+        out["drift"] = PairStat(0.0, 0)  # no base model for photos: "–"
         return {m: out[m] for m in self.config.metrics}

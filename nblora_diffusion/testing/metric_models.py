@@ -84,6 +84,23 @@ def make_dino(outdir: str | os.PathLike, tiny: bool = True, seed: int = 0) -> Pa
     return out
 
 
+def make_dinov2(outdir: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny Dinov2Model folder with facebook/dinov2-base's preprocessing (resize 256, crop 224)."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14
+    )
+    out = _fresh_dir(Path(outdir))
+    Dinov2Model(config).save_pretrained(out)
+    BitImageProcessor(
+        size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+        image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, do_convert_rgb=True,
+    ).save_pretrained(out)  # fmt: skip
+    return out
+
+
 def make_clip(outdir: str | os.PathLike, arch: str = "tiny", seed: int = 0) -> Path:
     """An open_clip local-dir folder; ``arch`` is 'tiny' or a built-in name such as 'ViT-B-32'."""
     import open_clip
