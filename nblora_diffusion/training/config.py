@@ -132,6 +132,19 @@ class TrainConfig:
     validation_steps: int = _opt(100, "generate validation images every N steps")
     num_validation_images: int = _opt(4, "validation images per run")
     validation_inference_steps: int = _opt(25, "denoising steps per validation image")
+    validation_metrics: str | None = _opt(
+        None,
+        "comma-separated metrics of the validation images vs the instance photos at each validation: "
+        "dino, clip_i, clip_t, lpips_div, lpips_ref, drift (validation_metrics.csv, TensorBoard val/*)",
+    )
+    validation_metric_config: str | None = _opt(
+        None, "JSON file of metric settings (MetricConfig fields: dino_model, clip_model, lpips_model, ...)"
+    )
+    validation_metrics_offload: bool = _opt(False, "move the metric models to the CPU between validations")
+    best_metric: str | None = _opt(None, "best_checkpoint.json names the validation step best in this metric")
+    best_constraint: str | None = _opt(
+        None, 'only steps meeting this count for --best_metric, e.g. "clip_t>=base-0.01" (base: step 0)'
+    )
     report_to: str = _opt("tensorboard", "experiment tracker", choices=REPORT_TO)
     logging_dir: str = _opt("logs", "TensorBoard folder, relative to --output_dir")
     norm_logging_steps: int = _opt(1, "log per-layer norm ratios every N steps")
@@ -228,6 +241,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not str(value).strip():
                 fail(f"--{name} must not be empty")
+        from .validation_metrics import check_options
+
+        check_options(self)
 
     # -- derived values ------------------------------------------------------------------------------
     @property

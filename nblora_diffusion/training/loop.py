@@ -21,6 +21,7 @@ from .config import TrainConfig
 from .logs import RunLog, plot_norms
 from .losses import dreambooth_loss
 from .outputs import write_adapter
+from .preservation import scale_weight_norms
 from .sampling import generate
 from .setup import (
     check_inputs,
@@ -33,6 +34,7 @@ from .setup import (
     write_run_config,
 )
 from .text import PromptEncoder
+from .validation_metrics import ValidationMetrics
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ class Run:
     global_step: int = 0
     last_checkpoint: Path | None = None
     offloaded: list = field(default_factory=list)  # cached-away VAE / text encoders, back for validation
+    metrics: ValidationMetrics | None = None  # --validation_metrics: the suite and the base model's row
 
 
 # -- steps inside the loop ----------------------------------------------------------------------------
@@ -132,6 +135,8 @@ def validate(run: Run, runlog: RunLog, callbacks: TrainCallbacks) -> None:
             cfg.num_validation_images,
             run.sdxl,
         )
+        if run.metrics is not None:
+            run.metrics.evaluate(run.global_step, run.pipe, images, run.accelerator)
     runlog.images(run.global_step, images)
     if callbacks.on_validation:
         callbacks.on_validation(run.global_step, images)
@@ -184,10 +189,13 @@ def train(
         classes = class_photos(config, pipe, resolution, sdxl, data_seed, accelerator)
         if config.cache_latents:
             check_latent_cache(photos, classes, resolution, config.center_crop)
+        main = accelerator.is_main_process  # the base model's metric row, before the adapters exist
+        metrics = ValidationMetrics.prepare(config, pipe, out, photos, resolution, sdxl) if main else None
         setup = add_adapters(pipe, config)
         prepare_output(config, out, accelerator)  # the first write to --output_dir: every check has passed
         write_run_config(config, out, resume, accelerator)
         run = Run(config, out, accelerator, pipe, setup, resolution, sdxl, weight_dtype, data_seed)
+        run.metrics = metrics
         parts = build(run, photos, classes, resume)
         return fit(run, parts, callbacks, should_stop)
     except torch.OutOfMemoryError:
@@ -235,7 +243,7 @@ def build(run: Run, photos, classes, resume: Path | None) -> Parts:
         for name, model in setup.models.items():
             if name != "unet":
                 model.gradient_checkpointing_enable()
-    class_prompt = cfg.class_prompt if classes else None
+    class_prompt = cfg.class_prompt if classes or cfg.output_preservation_weight else None
     prompts = PromptEncoder(
         pipe, run.sdxl, cfg.instance_prompt, class_prompt, train_text=cfg.train_text_encoder
     )
@@ -335,6 +343,8 @@ def fit(
                         cfg.prior_loss_weight,
                         cfg.snr_gamma,
                         noise_offset=cfg.noise_offset,
+                        output_preservation_weight=cfg.output_preservation_weight,
+                        adapter_setup=setup,
                     )
                     check_finite(acc, loss, run)
                     micro_losses.append(loss.detach())
@@ -346,6 +356,8 @@ def fit(
                         if cfg.max_grad_norm > 0:
                             acc.clip_grad_norm_(setup.trainable_parameters(), cfg.max_grad_norm)
                     parts.optimizer.step()
+                    if cfg.scale_weight_norms is not None and acc.sync_gradients:
+                        scale_weight_norms(setup, cfg.scale_weight_norms)
                     parts.lr_scheduler.step()
                     parts.optimizer.zero_grad(set_to_none=True)
                 if not acc.sync_gradients:
