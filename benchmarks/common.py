@@ -1,4 +1,5 @@
-"""What the benchmarks share: the SD1.5 UNet config, the machine line, device sync and peak memory."""
+"""What the benchmarks share: the SD1.5 UNet config, an adapter on a UNet with its optimizer, one training
+step, the machine line, device sync and peak memory."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import platform
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+
+from nblora_diffusion import NBLoRAConfig, inject_nblora
 
 # stable-diffusion-v1-5 unet/config.json, the fields that fix the architecture
 SD15_UNET = dict(
@@ -22,6 +26,42 @@ SD15_UNET = dict(
     attention_head_dim=8,
 )
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the 128 attention projections
+
+
+def add_adapter(unet, kind: str, rank: int) -> torch.optim.Optimizer:
+    """NB-LoRA (p = 2, δ = 1) or PEFT LoRA (alpha = r) on ``TARGETS``, float32 adapters; their AdamW."""
+    torch.manual_seed(0)
+    if kind == "nblora":
+        inject_nblora(unet, NBLoRAConfig(rank=rank, p=2.0, delta=1.0, target_modules=TARGETS))
+    else:
+        from peft import LoraConfig
+
+        unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGETS)
+        )
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:  # adapters train in float32 over fp16 base weights
+        p.data = p.data.float()
+    return torch.optim.AdamW(params, lr=1e-4)
+
+
+def make_step(model, optimizer, side: int, context_dim: int, device: torch.device, dtype: torch.dtype):
+    """One optimizer step of a noise-prediction MSE on fixed random (1, 4, side, side) latents."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, side, side, generator=g).to(device, dtype)
+    target = torch.randn(1, 4, side, side, generator=g).to(device)
+    context = torch.randn(1, 77, context_dim, generator=g).to(device, dtype)
+    timestep = torch.tensor([500], device=device)
+    autocast = device.type == "cuda" and dtype == torch.float16
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=autocast):
+            pred = model(latents, timestep, context).sample
+        F.mse_loss(pred.float(), target).backward()
+        optimizer.step()
+
+    return step
 
 
 def synchronize(device: torch.device) -> None:

@@ -23,12 +23,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
-from nblora_diffusion import NBLoRAConfig, inject_nblora
-
-from common import SD15_UNET, TARGETS, machine, synchronize
+from common import SD15_UNET, TARGETS, add_adapter, machine, synchronize
+from common import make_step as common_step
 
 TINY_UNET = dict(
     sample_size=8,
@@ -49,36 +47,11 @@ def adapted_unet(kind: str, spec: dict, rank: int, device: torch.device, dtype: 
     torch.manual_seed(0)
     unet = torch.nn.Module.to(UNet2DConditionModel(**spec), device, dtype)  # diffusers' `to` warns
     unet.requires_grad_(False).train()
-    if kind == "nblora":
-        inject_nblora(unet, NBLoRAConfig(rank=rank, p=2.0, delta=1.0, target_modules=TARGETS))
-    else:
-        from peft import LoraConfig
-
-        unet.add_adapter(
-            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGETS)
-        )
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:  # adapters train in float32 over fp16 base weights
-        p.data = p.data.float()
-    return unet, torch.optim.AdamW(params, lr=1e-4)
+    return unet, add_adapter(unet, kind, rank)
 
 
 def make_step(model, optimizer, spec: dict, side: int, device: torch.device, dtype: torch.dtype):
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 4, side, side, generator=g).to(device, dtype)
-    target = torch.randn(1, 4, side, side, generator=g).to(device)
-    context = torch.randn(1, 77, spec["cross_attention_dim"], generator=g).to(device, dtype)
-    timestep = torch.tensor([500], device=device)
-    autocast = device.type == "cuda" and dtype == torch.float16
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=autocast):
-            pred = model(latents, timestep, context).sample
-        F.mse_loss(pred.float(), target).backward()
-        optimizer.step()
-
-    return step
+    return common_step(model, optimizer, side, spec["cross_attention_dim"], device, dtype)
 
 
 def timed(fn, device: torch.device) -> float:

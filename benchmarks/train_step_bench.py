@@ -23,28 +23,12 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
-from nblora_diffusion import NBLoRAConfig, inject_nblora, unload_nblora
+from nblora_diffusion import unload_nblora
 
-from common import SD15_UNET, TARGETS, machine, peak_bytes, synchronize
-
-
-def add_adapter(unet, kind: str, rank: int) -> torch.optim.Optimizer:
-    torch.manual_seed(0)
-    if kind == "nblora":
-        inject_nblora(unet, NBLoRAConfig(rank=rank, p=2.0, delta=1.0, target_modules=TARGETS))
-    else:
-        from peft import LoraConfig
-
-        unet.add_adapter(
-            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGETS)
-        )
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:  # adapters train in float32 over fp16 base weights
-        p.data = p.data.float()
-    return torch.optim.AdamW(params, lr=1e-4)
+from common import SD15_UNET, TARGETS, add_adapter, machine, peak_bytes, synchronize
+from common import make_step as common_step
 
 
 def remove_adapter(unet, kind: str) -> None:
@@ -55,22 +39,7 @@ def remove_adapter(unet, kind: str) -> None:
 
 
 def make_step(unet, optimizer, resolution: int, device: torch.device):
-    g = torch.Generator().manual_seed(0)
-    side = resolution // 8
-    latents = torch.randn(1, 4, side, side, generator=g).to(device, unet.dtype)
-    target = torch.randn(1, 4, side, side, generator=g).to(device)
-    context = torch.randn(1, 77, 768, generator=g).to(device, unet.dtype)
-    timestep = torch.tensor([500], device=device)
-    autocast = device.type == "cuda" and unet.dtype == torch.float16
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=autocast):
-            pred = unet(latents, timestep, context).sample
-        F.mse_loss(pred.float(), target).backward()
-        optimizer.step()
-
-    return step
+    return common_step(unet, optimizer, resolution // 8, 768, device, unet.dtype)
 
 
 def time_steps(step, n: int, device: torch.device) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 from ..formats import is_hub_id
-from .single_file import SINGLE_FILE_SUFFIXES, is_single_file, load_single_file
+from .single_file import SINGLE_FILE_SUFFIXES, is_single_file, load_single_file, pipeline_class
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
@@ -70,13 +69,7 @@ def load_pipeline(
                 f"{path} is a file; expected a diffusers pipeline folder (with model_index.json) "
                 f"or a checkpoint file ({' or '.join(SINGLE_FILE_SUFFIXES)})"
             )
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise ValueError(f"{path} is not a diffusers pipeline folder: no model_index.json")
-        try:
-            class_name = json.loads(index.read_text()).get("_class_name")
-        except (json.JSONDecodeError, AttributeError) as e:
-            raise ValueError(f"{index} is not valid JSON: {e}") from None
+        class_name = pipeline_class(path, str(path))
         if class_name not in _SUPPORTED:
             raise ValueError(f"{path} holds a {class_name}; supported are {', '.join(_SUPPORTED)}")
     try:

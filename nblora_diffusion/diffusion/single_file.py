@@ -10,18 +10,17 @@ The architecture comes from the checkpoint's keys: diffusers' ``infer_diffusers_
 answer "v1" is its fallback for anything it does not recognise (it keys on layer indices that only
 real-size models have), so the text encoder layout then decides (CLIP -> SD1.x, OpenCLIP -> SD2.x, both ->
 SDXL). ε- vs v-prediction is not in the keys of SD2.x files; see ``prediction_type``.
+
+The config folders and the tokenizer files live in ``skeletons``, the identity of a base model file
+(``base_model_id``) in ``base_model_id``; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import importlib.util
 import json
 import logging
 import os
 import re
-import shutil
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,14 +28,25 @@ from pathlib import Path
 
 import torch
 
-from ..fileio import atomic_dir
+from .base_model_id import (
+    SINGLE_FILE_SUFFIXES,
+    base_model_id,
+    file_base_model_id,
+    is_single_file,
+    same_base_model,
+)
+from .skeletons import (
+    CONFIGS,
+    SKELETONS,
+    clip_bpe,
+    default_cache_dir,
+    skeleton_dir,
+    write_clip_tokenizer_files,
+)
 
 logger = logging.getLogger(__name__)
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-CONFIGS = Path(__file__).with_name("configs")
 # the shipped config folders -> the architecture each is for
-SKELETONS = {"sd15": "sd1", "sd21-base": "sd2", "sd21-v": "sd2", "sdxl-base": "sdxl"}
 ARCHITECTURE_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 PIPELINE_CLASSES = {
     "sd1": "StableDiffusionPipeline",
@@ -51,13 +61,6 @@ SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 # exceeds 0.09. Empirical (ComfyUI's own comment doubts it), hence config="sd21-base" / "sd21-v" to override
 _SD2_V_PROBE = UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 _SD2_V_STD = 0.09
-_CLIP_MERGES = 49152 - 256 - 2  # CLIP's BPE: 48894 merges, as its SimpleTokenizer reads them
-_HASH_SAMPLES = 16  # 64 KiB samples spread over the file, besides the first MiB and the size
-
-
-def is_single_file(path: str | os.PathLike) -> bool:
-    """A name ending in .safetensors or .ckpt (whether or not the file exists)."""
-    return str(path).lower().endswith(SINGLE_FILE_SUFFIXES)
 
 
 # -- reading the checkpoint -------------------------------------------------------------------------------
@@ -181,84 +184,6 @@ def skeleton_for(architecture: str, prediction: str) -> str:
     return {"sd1": "sd15", "sdxl": "sdxl-base"}[architecture]
 
 
-# -- the shipped config folders and the CLIP tokenizer files --------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    """$NBLORA_DIFFUSION_CACHE, else $XDG_CACHE_HOME/nblora_diffusion (~/.cache/nblora_diffusion)."""
-    if os.environ.get("NBLORA_DIFFUSION_CACHE"):
-        return Path(os.environ["NBLORA_DIFFUSION_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "nblora_diffusion"
-
-
-def _bpe_merges_file() -> Path:
-    spec = importlib.util.find_spec("open_clip")  # located, not imported (importing open_clip is slow)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("open_clip_torch is not installed: it ships the CLIP BPE merges the tokenizers need")
-    path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
-    if not path.is_file():
-        raise ValueError(f"open_clip_torch's CLIP BPE merges file is missing: {path}")
-    return path
-
-
-def clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """CLIP's BPE vocabulary (49408 tokens) and merges, built as CLIP's SimpleTokenizer builds them.
-
-    Byte-level alphabet (256), the same with the word-end suffix ``</w>`` (256), the first 48894 merges
-    joined, then ``<|startoftext|>`` = 49406 and ``<|endoftext|>`` = 49407.
-    """
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    lines = gzip.decompress(_bpe_merges_file().read_bytes()).decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : _CLIP_MERGES + 1]]  # line 0 is a version header
-    alphabet = list(bytes_to_unicode().values())
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    if len(vocab) != 49408 or any(len(m) != 2 for m in merges):
-        raise ValueError(f"unexpected CLIP BPE merges file {_bpe_merges_file()}: {len(vocab)} tokens")
-    return vocab, merges
-
-
-def write_clip_tokenizer_files(folder: Path) -> None:
-    """vocab.json and merges.txt of CLIP's tokenizer (the files of openai/clip-vit-large-patch14)."""
-    vocab, merges = clip_bpe()
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def skeleton_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The config folder ``name`` (one of ``SKELETONS``) with its tokenizer files, ready for ``config=``.
-
-    Built once in the cache under a name that hashes the shipped files and the BPE source, written to
-    a temporary folder and renamed, so concurrent processes and interrupted builds are safe.
-    """
-    if name not in SKELETONS:
-        raise ValueError(f"unknown config skeleton {name!r}; expected one of {', '.join(SKELETONS)}")
-    src = CONFIGS / name
-    files = sorted(p for p in src.rglob("*.json") if p.is_file())
-    digest = hashlib.sha256(_bpe_merges_file().read_bytes())
-    for p in files:
-        digest.update(p.relative_to(src).as_posix().encode() + b"\0" + p.read_bytes())
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    dest = root / "single_file_configs" / f"{name}-{digest.hexdigest()[:12]}"
-    if (dest / "model_index.json").is_file():
-        return dest
-    try:
-        with atomic_dir(dest, mode=0o755) as tmp:  # a shared cache must be readable by others
-            for p in files:
-                target = tmp / p.relative_to(src)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(p, target)
-            for tok in {p.parent for p in tmp.rglob("tokenizer_config.json")}:
-                write_clip_tokenizer_files(tok)
-    except OSError:  # another process finished first
-        if not (dest / "model_index.json").is_file():
-            raise
-    return dest
-
-
 # -- loading --------------------------------------------------------------------------------------------
 
 
@@ -375,14 +300,20 @@ def _missing_weights(ckpt: Checkpoint, config_dir: Path, arch: str) -> tuple[str
     return None
 
 
-def _check_config_folder(folder: Path, arch: str, name: str) -> None:
+def pipeline_class(folder: Path, what: str) -> str | None:
+    """The ``_class_name`` in a diffusers folder's model_index.json; one-line ValueError naming ``what``
+    when the file is missing or not JSON."""
     index = folder / "model_index.json"
     if not index.is_file():
-        raise ValueError(f"config folder {folder} is not a diffusers pipeline folder: no model_index.json")
+        raise ValueError(f"{what} is not a diffusers pipeline folder: no model_index.json")
     try:
-        class_name = json.loads(index.read_text()).get("_class_name")
+        return json.loads(index.read_text()).get("_class_name")
     except (json.JSONDecodeError, AttributeError) as e:
         raise ValueError(f"{index} is not valid JSON: {e}") from None
+
+
+def _check_config_folder(folder: Path, arch: str, name: str) -> None:
+    class_name = pipeline_class(folder, f"config folder {folder}")
     if class_name != PIPELINE_CLASSES[arch]:
         raise ValueError(
             f"{name} is an {ARCHITECTURE_NAMES[arch]} checkpoint, but config folder {folder} holds a "
@@ -429,42 +360,28 @@ def _sdxl_text_encoder_2(ckpt: Checkpoint, config_dir: Path, dtype: torch.dtype)
     return model.to(dtype).eval()
 
 
-# -- identity of a base model file ------------------------------------------------------------------------
-
-
-def base_model_id(path: str | os.PathLike) -> str:
-    """The file name and a content hash, ``name@<16 hex>``: sha256 of the size, the first MiB and 16 spread
-    64 KiB samples.
-
-    The first MiB alone (header plus the alphabetically first tensors, the text encoder's) is the same
-    for two fine-tunes that share their text encoder and size; the samples reach the UNet. Reading ~2 MiB
-    keeps this instant for multi-GB files. Renaming a file keeps its hash.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ValueError(f"base model file not found: {path}")
-    size = path.stat().st_size
-    digest = hashlib.sha256(f"{size}\n".encode())
-    block = 1 << 16
-    with open(path, "rb") as f:
-        digest.update(f.read(1 << 20))
-        for i in range(1, _HASH_SAMPLES + 1):
-            f.seek(max(0, size - block) * i // _HASH_SAMPLES)
-            digest.update(f.read(block))
-    return f"{path.name}@{digest.hexdigest()[:16]}"
-
-
-def same_base_model(a: str, b: str) -> bool:
-    """Two ``base_model_id`` strings name the same content (file names may differ)."""
-    return a.rpartition("@")[2] == b.rpartition("@")[2]
-
-
-def file_base_model_id(name_or_path: str | os.PathLike | None) -> str | None:
-    """``base_model_id`` of an existing checkpoint file; None for a folder, a hub id or None."""
-    if (
-        name_or_path is None
-        or not is_single_file(name_or_path)
-        or not Path(name_or_path).expanduser().is_file()
-    ):
-        return None
-    return base_model_id(name_or_path)
+__all__ = [  # the module's names, the re-exported ones included
+    "ARCHITECTURE_NAMES",
+    "base_model_id",
+    "Checkpoint",
+    "checkpoint_architecture",
+    "clip_bpe",
+    "CONFIGS",
+    "default_cache_dir",
+    "file_base_model_id",
+    "is_single_file",
+    "load_single_file",
+    "pipeline_class",
+    "PIPELINE_CLASSES",
+    "prediction_type",
+    "read_checkpoint",
+    "same_base_model",
+    "SDXL_OPEN_CLIP_PREFIX",
+    "SINGLE_FILE_SUFFIXES",
+    "skeleton_dir",
+    "skeleton_for",
+    "SKELETONS",
+    "UNET_PREFIX",
+    "VAE_PREFIX",
+    "write_clip_tokenizer_files",
+]
