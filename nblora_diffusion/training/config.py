@@ -65,6 +65,14 @@ class TrainConfig:
     prior_loss_weight: float = _opt(1.0, "weight of the class-prior loss")
     sample_batch_size: int = _opt(4, "batch size when generating class images")
     class_inference_steps: int = _opt(50, "denoising steps per generated class image")
+    output_preservation_weight: float = _opt(
+        0.0,
+        "weight of base-model output preservation: on --class_prompt the target is the frozen base "
+        "model's prediction for the instance batch's noisy latents (ai-toolkit, OneTrainer); 0: off",
+    )
+    scale_weight_norms: float | None = _opt(
+        None, "LoRA only: after each step rescale every pair so that ||BA||_F <= MAX (kohya sd-scripts)"
+    )
     # -- optimisation ---------------------------------------------------------------------------------
     train_batch_size: int = _opt(1, "instance images per step and device (doubled with prior preservation)")
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
@@ -219,6 +227,16 @@ class TrainConfig:
                 fail("--with_prior_preservation needs --class_data_dir")
             if not self.class_prompt:
                 fail("--with_prior_preservation needs --class_prompt")
+        if not _finite(self.output_preservation_weight) or self.output_preservation_weight < 0:
+            value = self.output_preservation_weight
+            fail(f"--output_preservation_weight must be a finite number >= 0, got {value!r}")
+        if self.output_preservation_weight and not self.class_prompt:
+            fail("--output_preservation_weight needs --class_prompt")
+        if self.scale_weight_norms is not None:
+            if not _finite(self.scale_weight_norms) or self.scale_weight_norms <= 0:
+                fail(f"--scale_weight_norms must be a finite number > 0, got {self.scale_weight_norms!r}")
+            if self.adapter != "lora":
+                fail(f"--scale_weight_norms applies to --adapter lora, not {self.adapter}")
         if self.text_encoder_rank is not None and not self.train_text_encoder:
             fail("--text_encoder_rank needs --train_text_encoder")
         if self.text_encoder_norm_bound is not None and not self.train_text_encoder:

@@ -21,6 +21,7 @@ from .config import TrainConfig
 from .logs import RunLog, plot_norms
 from .losses import dreambooth_loss
 from .outputs import write_adapter
+from .preservation import scale_weight_norms
 from .sampling import generate
 from .setup import (
     check_inputs,
@@ -242,7 +243,7 @@ def build(run: Run, photos, classes, resume: Path | None) -> Parts:
         for name, model in setup.models.items():
             if name != "unet":
                 model.gradient_checkpointing_enable()
-    class_prompt = cfg.class_prompt if classes else None
+    class_prompt = cfg.class_prompt if classes or cfg.output_preservation_weight else None
     prompts = PromptEncoder(
         pipe, run.sdxl, cfg.instance_prompt, class_prompt, train_text=cfg.train_text_encoder
     )
@@ -342,6 +343,8 @@ def fit(
                         cfg.prior_loss_weight,
                         cfg.snr_gamma,
                         noise_offset=cfg.noise_offset,
+                        output_preservation_weight=cfg.output_preservation_weight,
+                        adapter_setup=setup,
                     )
                     check_finite(acc, loss, run)
                     micro_losses.append(loss.detach())
@@ -353,6 +356,8 @@ def fit(
                         if cfg.max_grad_norm > 0:
                             acc.clip_grad_norm_(setup.trainable_parameters(), cfg.max_grad_norm)
                     parts.optimizer.step()
+                    if cfg.scale_weight_norms is not None and acc.sync_gradients:
+                        scale_weight_norms(setup, cfg.scale_weight_norms)
                     parts.lr_scheduler.step()
                     parts.optimizer.zero_grad(set_to_none=True)
                 if not acc.sync_gradients:
