@@ -29,6 +29,13 @@ OLD_TO_NEW = [
         "PRESET_NAMES",
     ),
     ("eval.dataset", "DreamBoothDataset", "eval.dataset", "DreamBoothBenchmark"),
+    ("nblora_diffusion.diffusion.targets", "format_p", "nblora_diffusion.formats", "format_p"),
+    (
+        "nblora_diffusion.app_logic.handlers",
+        "DEFAULT_BASE_MODEL",
+        "nblora_diffusion.formats",
+        "DEFAULT_BASE_MODEL",
+    ),
 ]
 
 
@@ -38,6 +45,17 @@ def test_old_name_warns_and_is_the_new_object(old_module, old, new_module, new):
     with pytest.warns(DeprecationWarning, match=new):
         got = getattr(module, old)
     assert got is getattr(importlib.import_module(new_module), new)
+
+
+def test_old_atomic_write_json_keeps_its_argument_order(tmp_path):
+    import json
+
+    from nblora_diffusion.adapters import io
+
+    with pytest.warns(DeprecationWarning, match="fileio.atomic_write_json"):
+        old = io.atomic_write_json
+    old({"b": 1, "a": 2}, tmp_path / "x.json")
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 2, "b": 1}
 
 
 def test_unknown_name_is_still_an_attribute_error():

@@ -21,7 +21,7 @@ from ..core import (
     save_nblora,
     unload_nblora,
 )
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json as _atomic_write_json
 from ..formats import (
     LEGACY_MODEL_ADAPTER_CONFIG_FILE,
     MODEL_ADAPTER_CONFIG_FILE,
@@ -39,7 +39,11 @@ PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for the wrapped model
 
 
 def _write_json(data: dict, path: Path) -> None:
-    atomic_write_json(path, data, indent=2, sort_keys=True)
+    _atomic_write_json(path, data, indent=2, sort_keys=True)
+
+
+def _old_write_json(data: dict, path: str | os.PathLike) -> None:  # the old atomic_write_json(data, path)
+    _write_json(data, Path(path))
 
 
 def _base_model_name(model: nn.Module, base_model: str | None) -> str | None:
@@ -162,5 +166,9 @@ __getattr__ = deprecated_names(
     {
         "save_adapter": ("nblora_diffusion.adapters.save_model_adapter", lambda: save_model_adapter),
         "load_adapter": ("nblora_diffusion.adapters.load_model_adapter", lambda: load_model_adapter),
+        "atomic_write_json": (
+            "nblora_diffusion.fileio.atomic_write_json(path, data)",
+            lambda: _old_write_json,
+        ),
     },
 )

@@ -82,8 +82,15 @@ class PipelineCache:
     Use ``with cache.lock:`` around anything that runs the pipeline: generation, slider, export.
     """
 
-    def __init__(self, device: str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        base_model_config: str | os.PathLike | None = None,
+    ) -> None:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # a local diffusers folder with the configs of single-file base models (load_pipeline's config=)
+        self.base_model_config = str(base_model_config) if base_model_config else None
         self.dtype = dtype or (torch.float16 if self.device.startswith("cuda") else torch.float32)
         self.lock = threading.RLock()
         self._pipe: Any = None
@@ -92,11 +99,13 @@ class PipelineCache:
 
     def _load_base(self, base_model: str) -> Any:
         from ..diffusion import load_pipeline
+        from ..diffusion.single_file import is_single_file
 
         if self._pipe is None or self._base != base_model:
             self._pipe = None  # drop the old one before loading a second model
             self._adapter = None
-            pipe = load_pipeline(base_model, dtype=self.dtype, device=self.device)
+            config = self.base_model_config if is_single_file(base_model) else None  # folders have their own
+            pipe = load_pipeline(base_model, dtype=self.dtype, device=self.device, config=config)
             pipe.set_progress_bar_config(disable=True)
             self._pipe, self._base = pipe, base_model
         return self._pipe

@@ -17,6 +17,8 @@ from typing import Any
 
 import gradio as gr
 
+from .._deprecated import deprecated_names
+from ..formats import DEFAULT_BASE_MODEL as _DEFAULT_BASE_MODEL
 from . import evaluation, generation, uploads
 from .train_settings import (
     make_train_config,
@@ -58,12 +60,14 @@ class AppHandlers:
         train_fn: Any = None,
         device: str | None = None,
         metric_config: Any = None,
+        base_model_config: str | os.PathLike | None = None,
     ) -> None:
         self.base_model = str(base_model) if base_model else None
+        self.base_model_config = str(base_model_config) if base_model_config else None
         self.root = Path(output_root).resolve()
         self.adapters_dir = self.root / "adapters"
         self.slot = TrainingSlot(train_fn)
-        self.cache = generation.PipelineCache(device=device)
+        self.cache = generation.PipelineCache(device=device, base_model_config=self.base_model_config)
         self.evaluator = evaluation.Evaluator(metric_config)
 
     # -- Train tab ----------------------------------------------------------------------------------
@@ -137,6 +141,7 @@ class AppHandlers:
             uploads.save_instance_images(check.images, instance_dir)
             config = make_train_config(
                 base_model=self.base_model,
+                base_model_config=self.base_model_config,
                 instance_data_dir=instance_dir,
                 output_dir=out_dir,
                 token=token,
@@ -396,3 +401,9 @@ class AppHandlers:
         except Exception as e:
             raise _failure("evaluation", e) from None
         return pd.DataFrame(rows, columns=self.evaluator.columns)
+
+
+__getattr__ = deprecated_names(
+    __name__,
+    {"DEFAULT_BASE_MODEL": ("nblora_diffusion.formats.DEFAULT_BASE_MODEL", lambda: _DEFAULT_BASE_MODEL)},
+)

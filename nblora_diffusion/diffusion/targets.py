@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .._deprecated import deprecated_names
 from ..core import NBLoRAConfig
+from ..formats import format_p as _format_p
 
 # UNet attention projections of every BasicTransformerBlock (attn1 self-, attn2 cross-attention)
 _UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
@@ -84,5 +85,9 @@ def make_config(
 
 
 __getattr__ = deprecated_names(
-    __name__, {"PRESETS": ("nblora_diffusion.diffusion.targets.PRESET_NAMES", lambda: PRESET_NAMES)}
+    __name__,
+    {
+        "PRESETS": ("nblora_diffusion.diffusion.targets.PRESET_NAMES", lambda: PRESET_NAMES),
+        "format_p": ("nblora_diffusion.formats.format_p", lambda: _format_p),
+    },
 )
