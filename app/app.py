@@ -17,6 +17,7 @@ import gradio as gr
 
 from nblora_diffusion.app_logic import AppHandlers, uploads
 from nblora_diffusion.app_logic.generation import download_guide
+from nblora_diffusion.app_logic.train_settings import MICRO_DEFAULTS, FormDefaults
 from nblora_diffusion.diffusion.single_file import is_single_file
 from nblora_diffusion.formats import DEFAULT_BASE_MODEL
 from nblora_diffusion.metrics import MetricConfig
@@ -43,7 +44,7 @@ def build_app(h: AppHandlers) -> gr.Blocks:
             with gr.Tab("Train", id="train"):
                 train = train_tab(h)
             with gr.Tab("Generate", id="generate"):
-                gen = generate_tab()
+                gen = generate_tab(h)
             with gr.Tab("Evaluate", id="evaluate"):
                 evaluation = evaluate_tab()
         wire_train(h, train, gen)
@@ -54,7 +55,8 @@ def build_app(h: AppHandlers) -> gr.Blocks:
 
 def train_tab(h: AppHandlers) -> SimpleNamespace:
     """Photos, prompt words, p and δ, the training settings, start / stop / resume, validation previews."""
-    p0, r0 = "2", 4
+    d = h.form
+    p0, r0 = d.p, d.rank
     with gr.Row():
         with gr.Column(scale=3):
             files = gr.File(
@@ -68,21 +70,21 @@ def train_tab(h: AppHandlers) -> SimpleNamespace:
         with gr.Column(scale=2):
             with gr.Row():
                 token = gr.Textbox("sks", label="Token", elem_id="token")
-                class_noun = gr.Textbox("dog", label="Class noun", elem_id="class-noun")
-            prior = gr.Checkbox(False, label="Prior preservation (generates class images first)")
+                class_noun = gr.Textbox(d.class_noun, label="Class noun", elem_id="class-noun")
+            prior = gr.Checkbox(d.prior, label="Prior preservation (generates class images first)")
             p = gr.Radio(
                 list(uploads.P_CHOICES),
                 value=p0,
                 label="Norm p (1 nuclear, 2 Frobenius, ∞ spectral)",
                 elem_id="norm-p",
             )
-            delta = gr.Number(uploads.default_delta(p0, r0), label="Norm bound δ", elem_id="delta")
+            delta = gr.Number(d.delta or uploads.default_delta(p0, r0), label="Norm bound δ", elem_id="delta")
             delta_hint = gr.Markdown(uploads.delta_hint(p0, r0), elem_id="delta-hint")
             with gr.Row():
                 rank = gr.Number(r0, label="Rank", precision=0, minimum=1, elem_id="rank")
-                steps = gr.Number(400, label="Steps", precision=0, minimum=1, elem_id="steps")
+                steps = gr.Number(d.steps, label="Steps", precision=0, minimum=1, elem_id="steps")
             with gr.Row():
-                lr = gr.Number(1e-4, label="Learning rate", elem_id="lr")
+                lr = gr.Number(d.learning_rate, label="Learning rate", elem_id="lr")
                 seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="seed")
                 resolution = gr.Number(
                     h.default_resolution(), label="Resolution", precision=0, elem_id="resolution"
@@ -101,9 +103,9 @@ def train_tab(h: AppHandlers) -> SimpleNamespace:
                     precision=0,
                     elem_id="ckpt-steps",
                 )
-                n_class = gr.Number(100, label="Class images (prior preservation)", precision=0)
+                n_class = gr.Number(d.class_images, label="Class images (prior preservation)", precision=0)
                 val_denoise = gr.Number(
-                    25,
+                    d.denoise_steps,
                     label="Denoising steps per validation image",
                     precision=0,
                     elem_id="val-denoise",
@@ -152,8 +154,9 @@ def train_tab(h: AppHandlers) -> SimpleNamespace:
     )
 
 
-def generate_tab() -> SimpleNamespace:
+def generate_tab(h: AppHandlers) -> SimpleNamespace:
     """Adapter choice, prompt, the δ' slider, seeds and sampling settings, results and downloads."""
+    d = h.form
     with gr.Row():
         adapter = gr.Dropdown(
             [],
@@ -166,7 +169,7 @@ def generate_tab() -> SimpleNamespace:
     adapter_info = gr.Markdown(elem_id="adapter-info")
     with gr.Row():
         with gr.Column(scale=2):
-            prompt = gr.Textbox("a photo of sks dog", label="Prompt", elem_id="prompt")
+            prompt = gr.Textbox(f"a photo of sks {d.class_noun}", label="Prompt", elem_id="prompt")
             negative = gr.Textbox("", label="Negative prompt", elem_id="negative")
             delta_prime = gr.Slider(
                 0.0,
@@ -185,8 +188,12 @@ def generate_tab() -> SimpleNamespace:
                 )
             with gr.Row():
                 n_images = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="n-images")
-                gen_steps = gr.Slider(1, 100, value=30, step=1, label="Steps", elem_id="gen-steps")
-                guidance = gr.Slider(0.0, 15.0, value=7.5, step=0.5, label="Guidance", elem_id="guidance")
+                gen_steps = gr.Slider(
+                    1, 100, value=d.denoise_steps, step=1, label="Steps", elem_id="gen-steps"
+                )
+                guidance = gr.Slider(
+                    0.0, 15.0, value=d.guidance, step=0.5, label="Guidance", elem_id="guidance"
+                )
             side = gr.Checkbox(False, label="Side by side with the base model", elem_id="side")
             generate = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(scale=3):
@@ -336,6 +343,7 @@ def create_app(
     output_dir: str | Path,
     metric_config: MetricConfig | None = None,
     base_model_config: str | Path | None = None,
+    form: FormDefaults | None = None,
 ) -> tuple[gr.Blocks, AppHandlers]:
     """The app for ``base_model`` writing under ``output_dir``, queued (one training at a time).
 
@@ -343,7 +351,7 @@ def create_app(
     train_dreambooth.py's --base_model_config), for files whose architecture the shipped configs do not fit.
     """
     handlers = AppHandlers(
-        base_model, output_dir, metric_config=metric_config, base_model_config=base_model_config
+        base_model, output_dir, metric_config=metric_config, base_model_config=base_model_config, form=form
     )
     demo = build_app(handlers)
     demo.queue(default_concurrency_limit=1)
@@ -389,7 +397,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tiny",
         action="store_true",
-        help="tiny random-weight SD and metric models built offline (a demo: images are noise)",
+        help="the shipped micro SD (32 px micro world, offline) with its metrics and training settings",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     parser.add_argument("--port", type=int, default=7860)
@@ -407,13 +415,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    base, metrics = args.base_model or DEFAULT_BASE_MODEL, None
-    if args.tiny:
-        from nblora_diffusion.testing import tiny_sd_path
-        from nblora_diffusion.testing.metric_models import metric_models_path
+    base, metrics, form = args.base_model or DEFAULT_BASE_MODEL, None, None
+    if args.tiny:  # the shipped micro SD, judged by the micro world's metrics
+        from nblora_diffusion.metrics import MicroWorldConfig
+        from nblora_diffusion.microworld import model_path
 
-        base, metrics = str(tiny_sd_path()), metric_models_path().config()
-    demo, _ = create_app(base, args.output_dir, metrics, base_model_config=args.base_model_config)
+        base, metrics, form = str(model_path()), MicroWorldConfig(), MICRO_DEFAULTS
+    demo, _ = create_app(base, args.output_dir, metrics, base_model_config=args.base_model_config, form=form)
     try:
         print(f"NB-LoRA app on http://{args.host}:{args.port} (base model {base})", flush=True)
         launch_app(demo, args.output_dir, args.host, args.port, args.share)

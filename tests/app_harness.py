@@ -42,10 +42,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def served_app(base_model: str, output_dir: Path, metric_config=None) -> Iterator[tuple[str, object]]:
+def served_app(
+    base_model: str, output_dir: Path, metric_config=None, form=None
+) -> Iterator[tuple[str, object]]:
     """The real app (same build and launch code as the CLI) on 127.0.0.1; yields (url, handlers)."""
     app = app_module()
-    demo, handlers = app.create_app(base_model, output_dir, metric_config)
+    demo, handlers = app.create_app(base_model, output_dir, metric_config, form=form)
     url = app.launch_app(demo, output_dir, port=free_port(), prevent_thread_lock=True)
     try:
         yield url, handlers

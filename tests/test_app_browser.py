@@ -1,4 +1,5 @@
-"""End to end in headless Chromium (Playwright): the served app on the tiny offline model.
+"""End to end in headless Chromium (Playwright): the served app on the tiny offline model, and on the micro
+SD (where training learns: the judge reads the subject in the generated images).
 
 Upload 5 photos, choose p = 2 and δ = 1.5, train a few steps while the progress shows, generate, move the
 δ' slider (the image changes; at 0 it is the base model's image), download the adapter; Stop during a
@@ -18,6 +19,7 @@ import pytest
 from PIL import Image
 
 from nblora_diffusion.app_logic import generation
+from nblora_diffusion.app_logic.train_settings import MICRO_DEFAULTS
 from nblora_diffusion.diffusion import load_adapter, load_pipeline
 from nblora_diffusion.testing import tiny_sd_path
 from nblora_diffusion.testing.metric_models import metric_models_path
@@ -27,6 +29,8 @@ from app_harness import ARTIFACTS, CHROMIUM_ARGS, require_chromium, served_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
+REPO = Path(__file__).resolve().parents[1]
+STRIPED_CIRCLE = [str(p) for p in sorted((REPO / "assets/microworld/striped_circle").glob("*.png"))]
 DOG = [str(p) for p in sorted((Path(__file__).resolve().parents[1] / "assets/dreambooth/dog").glob("*.jpg"))]
 PROMPT = "a photo of sks dog"
 TIMEOUT_MS = 300_000  # a loaded 2-core CI machine is slow; the waits end as soon as the page is ready
@@ -260,3 +264,70 @@ def test_missing_chromium_fails_under_ci_and_skips_elsewhere(monkeypatch):
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="chromium"):
         app_harness.require_chromium()
+
+
+@pytest.fixture(scope="module")
+def micro_app(tmp_path_factory):
+    from nblora_diffusion.metrics import MicroWorldConfig
+    from nblora_diffusion.microworld import model_path
+
+    try:
+        base = str(model_path())
+    except ValueError as e:
+        pytest.skip(str(e))
+    with served_app(base, tmp_path_factory.mktemp("micro"), MicroWorldConfig(), MICRO_DEFAULTS) as served:
+        yield served
+
+
+def gallery_images(page, elem_id: str, count: int, old_src: str | None = None) -> tuple[list, str]:
+    """All images of a gallery once it shows ``count`` new ones (PIL), and the first one's src."""
+    page.wait_for_function(
+        "([sel, n, old]) => { const imgs = document.querySelectorAll(sel + ' img');"
+        " return imgs.length >= n && imgs[0].src !== old; }",
+        arg=[f"#{elem_id}", count, old_src or ""],
+    )
+    srcs = [img.get_attribute("src") for img in page.locator(f"#{elem_id} img").all()][:count]
+    return [Image.open(io.BytesIO(page.request.get(s).body())).convert("RGB") for s in srcs], srcs[0]
+
+
+def test_micro_world_training_in_the_browser_draws_the_subject(browser, micro_app):
+    from nblora_diffusion.metrics import MicroWorldSuite
+    from nblora_diffusion.metrics.microworld import to_tensor
+    from nblora_diffusion.microworld import subjects
+
+    url, _ = micro_app
+    context, page = _open(browser, url)
+    try:
+        upload(page, STRIPED_CIRCLE)
+        status_matches(page, "upload-status", r"5 photos ready")
+        assert page.locator("#steps input").first.input_value() == str(MICRO_DEFAULTS.steps)
+        assert page.locator("#resolution input").first.input_value() == "32"  # the micro SD's own size
+        shot(page, "micro-01-ready")
+        page.locator("#start").click()
+        status_matches(page, "train-status", rf"Finished {MICRO_DEFAULTS.steps} steps in \d+:\d\d")
+        shot(page, "micro-02-trained")
+
+        page.get_by_role("tab", name="Generate").click()
+        status_matches(page, "adapter-info", r"trained bound δ = 4")
+        set_number(page, "n-images", 8)
+        page.locator("#generate").click()
+        adapted, src = gallery_images(page, "results", 8)
+        shot(page, "micro-03-generated-sks-circle")
+        set_number(page, "delta-prime", 0)
+        status_matches(page, "ratio", r"\(base model\)")
+        base, _ = gallery_images(page, "results", 8, src)
+        shot(page, "micro-04-slider-at-0-base-model")
+    finally:
+        context.close()
+    suite = MicroWorldSuite().load()
+    subject = subjects.subject("striped_circle")
+
+    def share(images) -> float:
+        read = suite.read(to_tensor(images))
+        hits = [
+            k == subject.kind and q == subject.pattern
+            for k, q in zip(read["kind"], read["pattern"], strict=True)
+        ]
+        return sum(hits) / len(hits)
+
+    assert share(base) == 0.0 and share(adapted) >= 0.25, (share(base), share(adapted))

@@ -21,6 +21,7 @@ from .._deprecated import deprecated_names
 from ..formats import DEFAULT_BASE_MODEL as _DEFAULT_BASE_MODEL
 from . import evaluation, generation, uploads
 from .train_settings import (
+    FormDefaults,
     make_train_config,
     mixed_precision,
     native_resolution,
@@ -61,8 +62,10 @@ class AppHandlers:
         device: str | None = None,
         metric_config: Any = None,
         base_model_config: str | os.PathLike | None = None,
+        form: FormDefaults | None = None,
     ) -> None:
         self.base_model = str(base_model) if base_model else None
+        self.form = form or FormDefaults()
         self.base_model_config = str(base_model_config) if base_model_config else None
         self.root = Path(output_root).resolve()
         self.adapters_dir = self.root / "adapters"

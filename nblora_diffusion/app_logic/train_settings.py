@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +190,26 @@ def resumable_runs(root: str | Path) -> list[Path]:
             continue
         runs.append(folder)
     return sorted(runs, key=lambda d: d.stat().st_mtime, reverse=True)
+
+
+@dataclass(frozen=True)
+class FormDefaults:
+    """The values the Train and Generate tabs open with (a base model may need others)."""
+
+    class_noun: str = "dog"
+    p: str = "2"  # one of uploads.P_CHOICES
+    rank: int = 4
+    delta: float | None = None  # None: uploads.default_delta(p, rank)
+    steps: int = 400
+    learning_rate: float = 1e-4
+    prior: bool = False
+    class_images: int = 100
+    denoise_steps: int = 30  # validation and generation
+    guidance: float = 7.5
+
+
+# the shipped micro SD (app --tiny): what tests/test_microworld_learning.py trains with
+MICRO_DEFAULTS = FormDefaults(
+    class_noun="circle", p="∞", rank=8, delta=4.0, steps=300, learning_rate=1e-2, class_images=20,
+    denoise_steps=20, guidance=5.0,
+)  # fmt: skip
