@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .inference import get_norm_bound, set_norm_bound
 
@@ -48,14 +48,31 @@ def image_grid(
     cell: int = 96,
 ) -> Image.Image:
     """Rows of images (upscaled to ``cell`` px, nearest-neighbour for small pictures) with labels."""
-    left, top = 8 + 6 * max(map(len, row_labels), default=0), 18
+    font = label_font()
+    width = max((draw_width(font, label) for label in row_labels), default=0)
+    left, top = 12 + width, 20
     grid = Image.new("RGB", (left + cell * len(column_labels), top + cell * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for j, label in enumerate(column_labels):
-        draw.text((left + j * cell + 4, 3), label, fill="black")
+        draw.text((left + j * cell + 4, 3), label, fill="black", font=font)
     for i, (row, label) in enumerate(zip(rows, row_labels, strict=True)):
-        draw.text((4, top + i * cell + cell // 2 - 6), label, fill="black")
+        draw.text((4, top + i * cell + cell // 2 - 7), label, fill="black", font=font)
         for j, image in enumerate(row):
             resample = Image.NEAREST if image.width < cell else Image.BICUBIC
             grid.paste(image.resize((cell, cell), resample), (left + j * cell, top + i * cell))
     return grid
+
+
+def draw_width(font, text: str) -> int:
+    left, _, right, _ = font.getbbox(text)
+    return int(right - left)
+
+
+def label_font(size: int = 12):
+    """DejaVu Sans (shipped with matplotlib: it has δ), else Pillow's own scalable font."""
+    try:
+        from matplotlib import font_manager
+
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=False), size)
+    except (ImportError, OSError, ValueError):
+        return ImageFont.load_default(size=size)
