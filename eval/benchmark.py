@@ -29,6 +29,7 @@ from nblora_diffusion.metrics.protocols import drift_prompts
 
 from . import adapters as adapter_io
 from .dataset import DreamBoothDataset, Subject, format_prompt, prompt_templates, read_dataset
+from .grids import merge_seeds
 from .methods import Method, read_methods
 from .peft_results import write_peft_results
 from .report import read_json, write_json
@@ -293,10 +294,11 @@ def run(spec: BenchmarkSpec, report_only: bool = False) -> int:
         (s.name, m.id): json.loads((spec.score_dir(s, m) / "report.json").read_text(encoding="utf-8"))
         for s, m in units
     }
+    methods, subjects, reports = merge_seeds(spec.methods, [s.name for s in spec.subjects], reports)
     paths = write_benchmark_report(
         spec.out / "report",
-        spec.methods,
-        [s.name for s in spec.subjects],
+        methods,
+        subjects,
         reports,
         spec.metrics.metrics,
         spec.report_steps,

@@ -6,7 +6,9 @@
                   "norm_bound": 1.5}, ...]}
 
 Keys are TrainConfig fields (train_dreambooth.py options without dashes); the runner sets the model,
-data, prompts and output folder of each unit itself.
+data, prompts and output folder of each unit itself. A top-level ``"seeds": [0, 1]`` trains every
+method once per seed (ids ``<id>.s<seed>``, one ``group``); the report then aggregates each group over
+subjects × seeds (``grids.merge_seeds``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ from pathlib import Path
 
 from nblora_diffusion.training import TrainConfig
 
-PRESETS = {"table3": Path(__file__).resolve().parent / "table3.json"}
+HERE = Path(__file__).resolve().parent
+PRESETS = {
+    "table3": HERE / "table3.json",  # the paper's SD grid
+    "table3-micro": HERE / "table3_micro.json",  # the same grid on the micro world
+}
 RUNNER_KEYS = (
     "pretrained_model_name_or_path",
     "instance_data_dir",
@@ -40,6 +46,8 @@ class Method:
     id: str  # folder name of its runs and scores
     name: str  # label in tables and plots
     options: dict  # TrainConfig fields: shared options updated with the method's own
+    group: str | None = None  # with "seeds": the id shared by the method's seeds (the report's row)
+    group_name: str | None = None
 
 
 def _check_options(where: str, options: dict) -> None:
@@ -79,10 +87,26 @@ def read_methods(spec: str) -> tuple[dict, list[Method]]:
         _check_options(f"{path} method {name!r}", options)
         merged = {**shared, **options}
         try:  # validate now, with placeholders for what the runner fills in
-            TrainConfig(**merged, instance_data_dir=".", instance_prompt="a photo of sks dog")
+            TrainConfig(
+                **merged,
+                instance_data_dir=".",
+                instance_prompt="a photo of sks dog",
+                class_prompt="a photo of dog",
+            )
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path} method {name!r}: {e}") from None
         methods.append(Method(mid, name, merged))
+    seeds = data.get("seeds")
+    if seeds is not None:
+        if not isinstance(seeds, list) or not seeds or not all(type(x) is int for x in seeds):
+            raise ValueError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"{path}: duplicate seeds {seeds}")
+        methods = [
+            Method(f"{m.id}.s{k}", f"{m.name} (seed {k})", {**m.options, "seed": k}, m.id, m.name)
+            for m in methods
+            for k in seeds
+        ]
     ids = [m.id for m in methods]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
