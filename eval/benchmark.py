@@ -28,7 +28,7 @@ from nblora_diffusion.metrics import MetricConfig, Protocol, get_protocol, list_
 from nblora_diffusion.metrics.protocols import drift_prompts
 
 from . import adapters as adapter_io
-from .dataset import DreamBoothDataset, Subject, format_prompt, prompt_templates, read_dataset
+from .dataset import DreamBoothBenchmark, Subject, format_prompt, prompt_templates, read_dataset
 from .grids import merge_seeds
 from .methods import Method, read_methods
 from .peft_results import write_peft_results
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class BenchmarkSpec:
-    dataset: DreamBoothDataset
+    dataset: DreamBoothBenchmark
     base_model: str
     methods: list[Method]
     subjects: list[Subject]

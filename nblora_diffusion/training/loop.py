@@ -179,6 +179,7 @@ def train(
     )
     if accelerator.num_processes > 1:  # one seed for all processes: the data shards and Bernoulli draws agree
         data_seed = broadcast_object_list([data_seed])[0]
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # a process-wide flag: restored when the run ends
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     run = None
@@ -202,6 +203,7 @@ def train(
         where = f"at step {run.global_step + 1}" if run is not None else "while preparing the run"
         raise TrainingError(f"out of memory {where}; {OOM_HINT}") from None
     finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
         accelerator.end_training()
 
 
