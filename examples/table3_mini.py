@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=str(ROOT / "examples" / "results" / "table3_mini"))
     p.add_argument("--work", default=None, help="benchmark folders (default OUT/work)")
     p.add_argument("--base_model", default=None, help="default: the shipped micro SD")
+    p.add_argument("--subjects", default="all", help="full mode: comma-separated subset of the 6 subjects")
     p.add_argument("--jobs", type=int, default=None, help="parallel shard processes (default 2, quick 1)")
     p.add_argument(
         "--grid", default="table3-micro", help="preset name or methods file with slider/robustness"
@@ -170,16 +171,17 @@ def main(argv: list[str] | None = None) -> dict:
         table, robust = results_of(work / "quick"), None
         slider = {"inf": next(m for m in table["methods"] if "sweep" in m)}  # the large δ at the small
     else:
-        timing["table"] = benchmark(work / "table3", grid, a.base_model, "all", jobs)
+        timing["table"] = benchmark(work / "table3", grid, a.base_model, a.subjects, jobs)
         table = results_of(work / "table3")
         slider = {}
         for pv, (methods, deltas) in slider_grids(grid).items():
             timing[f"slider_p{pv}"] = benchmark(
-                work / f"slider_p{pv}", methods, a.base_model, "all", jobs, deltas
+                work / f"slider_p{pv}", methods, a.base_model, a.subjects, jobs, deltas
             )
             slider[pv] = results_of(work / f"slider_p{pv}")["methods"][0]
         rob = grid["robustness"]
         names = sorted(d.name for d in (ROOT / "assets" / "microworld").iterdir() if d.is_dir())
+        names = names if a.subjects == "all" else a.subjects.split(",")
         subjects = ",".join(names[: rob["subjects"]])
         timing["robustness"] = benchmark(
             work / "robustness", robustness_grid(grid), a.base_model, subjects, jobs
