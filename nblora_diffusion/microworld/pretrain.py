@@ -39,7 +39,7 @@ class PretrainConfig:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     pool: int = 32768  # training scenes rendered and encoded once; captions are drawn anew each step
-    steps: int = 3200
+    steps: int = 6400
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 200
