@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` (main job, offline tiny model) and `make test`.
+# The two commands of the README: `make demo` (main job, offline, the shipped micro SD) and `make test`.
 # Both create .venv and install the pinned stack (constraints.txt) on first use.
 PYTHON ?= python3
 VENV := .venv
@@ -27,9 +27,11 @@ browser:
 demo: setup
 	OMP_NUM_THREADS=1 $(PY) train_dreambooth.py --demo --output_dir demo_out --overwrite_output_dir
 
-# One torch thread: the tests use tiny models (and run subprocesses beside pytest), where threads only contend.
+# One torch thread per test process, one process per core (pytest-xdist; a test file stays in one process,
+# so its module fixtures are built once): the tests use tiny models, where threads only contend.
+TEST_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 test: setup browser
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -rs --durations=15 -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

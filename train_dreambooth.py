@@ -4,7 +4,7 @@
     python train_dreambooth.py --pretrained_model_name_or_path MODEL --instance_data_dir DIR \\
         --instance_prompt "a photo of sks dog" --output_dir OUT [options]
     accelerate launch train_dreambooth.py ...          # multi-GPU
-    python train_dreambooth.py --demo --output_dir demo_out   # offline demo on the tiny built-in model
+    python train_dreambooth.py --demo --output_dir demo_out   # offline demo on the micro SD
 
 A thin command line over ``nblora_diffusion.training``: parse -> TrainConfig -> train -> report.
 """
@@ -16,29 +16,29 @@ import os
 import sys
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parent / "assets" / "dreambooth"
+DEMO_SUBJECT = Path(__file__).resolve().parent / "assets" / "microworld" / "striped_circle"
 
 
 def parse(argv: list[str] | None):
     """TrainConfig from the command line; with --demo the demo values are the defaults (given options win).
 
-    Returns (config, whether the base model is the tiny built-in one)."""
+    Returns (config, whether the base model is the shipped micro SD)."""
     from nblora_diffusion.training.config import build_parser, config_from_namespace, demo_overrides
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.demo:
-        if not (ASSETS / "dog").is_dir():
-            raise ValueError(f"--demo needs the bundled photos in {ASSETS / 'dog'}")
+        if not DEMO_SUBJECT.is_dir():
+            raise ValueError(f"--demo needs the bundled photos in {DEMO_SUBJECT}")
         probe = build_parser()
         probe.set_defaults(pretrained_model_name_or_path=None)
         model = probe.parse_args(argv).pretrained_model_name_or_path
         builtin = model is None
         if builtin:
-            from nblora_diffusion.testing import tiny_sd_path
+            from nblora_diffusion.microworld import model_path
 
-            model = tiny_sd_path()  # built once, offline; the same seed gives the same weights
-        parser.set_defaults(**demo_overrides(model, ASSETS, args.output_dir))
+            model = model_path()
+        parser.set_defaults(**demo_overrides(model, DEMO_SUBJECT, args.output_dir))
         args = parser.parse_args(argv)
         return config_from_namespace(args), builtin
     return config_from_namespace(args), False
@@ -68,11 +68,14 @@ def report(config, result, builtin_model: bool) -> None:
             print(f"  {out / name}: {what}")
     if result.last_checkpoint:
         print(f"  {result.last_checkpoint}: last checkpoint (--resume_from_checkpoint latest)")
-    if builtin_model:
-        print(
-            "  base model: the tiny built-in random-weight SD, a temporary copy; "
-            "`python -m nblora_diffusion.testing.tiny_sd DIR` rebuilds the same weights"
-        )
+    if builtin_model and not result.stopped:  # the micro SD: show what the adapter learned
+        from nblora_diffusion.microworld.demo import slider_grid
+
+        grid, readings = slider_grid(config.pretrained_model_name_or_path, out)
+        print(f"  {grid}: base model | adapter at δ' = 0, δ/2, δ, 2δ (rows: prompts)")
+        print("  the judge reads the subject in (at δ' = 0, δ/2, δ, 2δ; 4 seeds each):")
+        for prompt, shares in readings.items():
+            print(f"    {prompt!r}: " + "  ".join(f"{s:4.0%}" for s in shares))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -302,6 +302,9 @@ def test_micro_world_training_in_the_browser_draws_the_subject(browser, micro_ap
         status_matches(page, "upload-status", r"5 photos ready")
         assert page.locator("#steps input").first.input_value() == str(MICRO_DEFAULTS.steps)
         assert page.locator("#resolution input").first.input_value() == "32"  # the micro SD's own size
+        page.get_by_text("Advanced").click()
+        for elem_id in ("val-steps", "ckpt-steps"):  # one validation and one checkpoint, at the end
+            set_number(page, elem_id, MICRO_DEFAULTS.steps)
         shot(page, "micro-01-ready")
         page.locator("#start").click()
         status_matches(page, "train-status", rf"Finished {MICRO_DEFAULTS.steps} steps in \d+:\d\d")

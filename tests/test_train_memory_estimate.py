@@ -1,7 +1,7 @@
 """--estimate_memory: the trainer's step on fake tensors counts what the same step allocates on real tensors
 (within 1%, phase by phase) and never underestimates the real CPU peak that torch's profiler sees (by more
-than 10%; a CPU whose kernels need less scratch may sit below it), the CUDA emulation casts and fuses as CUDA does, the memory savers lower the estimate, and the CLI
-prints it without training."""
+than 10%; a CPU whose kernels need less scratch may sit below it), the CUDA emulation casts and fuses as
+CUDA does, the memory savers lower the estimate, and the CLI prints it without training."""
 
 from __future__ import annotations
 

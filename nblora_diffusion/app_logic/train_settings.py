@@ -210,6 +210,6 @@ class FormDefaults:
 
 # the shipped micro SD (app --tiny): what tests/test_microworld_learning.py trains with
 MICRO_DEFAULTS = FormDefaults(
-    class_noun="circle", p="∞", rank=8, delta=4.0, steps=300, learning_rate=1e-2, class_images=20,
+    class_noun="circle", p="∞", rank=8, delta=4.0, steps=500, learning_rate=5e-3, class_images=20,
     denoise_steps=20, guidance=5.0,
 )  # fmt: skip

@@ -23,9 +23,11 @@ def slider_grid(
     adapter_dir: str | os.PathLike,
     out: str | os.PathLike | None = None,
     seed: int = 0,
+    seeds: int = 4,
 ) -> tuple[Path, dict[str, list[float]]]:
-    """Grid: rows = prompts, columns = the base model and the adapter at δ' = 0, δ/2, δ, 2δ. Returns the
-    PNG's path and, per prompt, the fraction of the columns' images the judge reads as the subject."""
+    """Grid: rows = prompts, columns = the base model and the adapter at δ' = 0, δ/2, δ, 2δ (first seed).
+    Returns the PNG's path and, per prompt and δ', the fraction of ``seeds`` images the judge reads as the
+    subject."""
     from ..diffusion import load_adapter, load_pipeline
     from ..diffusion.grid import image_grid, slider_images
     from ..metrics import MicroWorldSuite
@@ -38,7 +40,8 @@ def slider_grid(
     prompt = info.get("instance_prompt") or f"a photo of {token} circle"
     class_noun = prompt.split()[-1]
     prompts = demo_prompts(token, class_noun)
-    rows = slider_images(pipe, prompts, SCALES, seed=seed)
+    runs = [slider_images(pipe, prompts, SCALES, seed=seed + 100 * k) for k in range(seeds)]
+    rows = runs[0]
     delta = float(info.get("delta") or 1.0)
     labels = ["base", "δ'=0", f"δ'={0.5 * delta:g}", f"δ'={delta:g}", f"δ'={2 * delta:g}"]
     rows = [[row[0], *row] for row in rows]  # the base column: δ' = 0 is the base model exactly
@@ -49,10 +52,13 @@ def slider_grid(
 
     subject = next((s for s in BY_NAME.values() if s.kind == class_noun), None)
     readings: dict[str, list[float]] = {}
-    for p, row in zip(prompts, rows, strict=True):
-        read = suite.read(to_tensor(row[1:]))
-        readings[p] = [
-            float(subject is not None and k == subject.kind and q == subject.pattern)
-            for k, q in zip(read["kind"], read["pattern"], strict=True)
-        ]
+    for i, p in enumerate(prompts):
+        readings[p] = []
+        for j in range(len(SCALES)):
+            read = suite.read(to_tensor([run[i][j] for run in runs]))
+            hits = [
+                subject is not None and k == subject.kind and q == subject.pattern
+                for k, q in zip(read["kind"], read["pattern"], strict=True)
+            ]
+            readings[p].append(sum(hits) / len(hits))
     return path, readings

@@ -157,7 +157,7 @@ class TrainConfig:
     logging_dir: str = _opt("logs", "TensorBoard folder, relative to --output_dir")
     norm_logging_steps: int = _opt(1, "log per-layer norm ratios every N steps")
     export_kohya: bool = _opt(False, "also write a kohya-format LoRA file")
-    demo: bool = _opt(False, "offline demo: tiny built-in model, bundled dog photos, a few dozen steps")
+    demo: bool = _opt(False, "offline demo: the shipped micro SD and a bundled micro-world subject")
     estimate_memory: bool = _opt(
         False, "print the expected peak GPU memory of these settings (no GPU, no weights) and exit"
     )
@@ -333,27 +333,32 @@ def config_from_namespace(ns: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**vars(ns))
 
 
-def demo_overrides(model_path: str | Path, assets: Path, output_dir: str | Path) -> dict[str, Any]:
-    """Defaults of ``--demo``: the tiny built-in model, the bundled dog photos ("sks dog", class "dog")
-    with prior preservation, 30 steps at 64 px: well under a minute on a laptop CPU."""
+def demo_overrides(model_path: str | Path, instance_dir: Path, output_dir: str | Path) -> dict[str, Any]:
+    """Defaults of ``--demo``: the micro SD and a bundled micro-world subject (a blue-and-white striped
+    circle: "sks circle", class "circle"), at the micro world's 32 px: the settings of
+    tests/test_microworld_learning.py (about a minute on one CPU core)."""
     return {
         "pretrained_model_name_or_path": str(model_path),
-        "instance_data_dir": str(assets / "dog"),
-        "instance_prompt": "a photo of sks dog",
-        "with_prior_preservation": True,
-        "class_prompt": "a photo of dog",
+        "instance_data_dir": str(instance_dir),
+        "instance_prompt": "a photo of sks circle",
+        "class_prompt": "a photo of a circle",  # for --with_prior_preservation (slower to learn the subject)
         "class_data_dir": str(Path(output_dir) / "class_images"),
-        "num_class_images": 4,
-        "class_inference_steps": 10,
-        "validation_prompt": "a photo of sks dog on the beach",
-        "resolution": 64,
-        "random_flip": True,
-        "max_train_steps": 30,
-        "learning_rate": 1e-3,
-        "checkpointing_steps": 10,
-        "validation_steps": 30,
-        "num_validation_images": 2,
-        "validation_inference_steps": 10,
+        "prior_loss_weight": 0.3,
+        "num_class_images": 20,
+        "class_inference_steps": 20,
+        "sample_batch_size": 20,
+        "validation_prompt": "a photo of sks circle on a green background",
+        "resolution": 32,
+        "train_batch_size": 4,
+        "max_train_steps": 500,
+        "learning_rate": 5e-3,
+        "norm_p": "inf",
+        "norm_bound": 4.0,
+        "rank": 8,
+        "checkpointing_steps": 100,
+        "validation_steps": 500,
+        "num_validation_images": 4,
+        "validation_inference_steps": 20,
         "seed": 0,
     }
 
