@@ -29,6 +29,9 @@ def test_cayley_bench_prints_every_ratio_for_the_sd15_shapes(cayley_bench, capsy
     ratios = [
         float(x) for cell in cells for x in cell.replace("x", " ").replace("(", " ").replace(")", " ").split()
     ]
-    assert len(ratios) == 9 and all(math.isfinite(v) and v > 0 for v in ratios)
+    assert len(ratios) == 9 and all(math.isfinite(v) for v in ratios)
+    # ratios of two timings are > 0; the two "net of consumer" ones subtract a timing of the same size and can
+    # go either way when a loaded machine makes one 10 ms measurement noisy
+    assert all(v > 0 for i, v in enumerate(ratios) if i not in (5, 8)), ratios
     # batching dispatches far fewer ops (kernel launches on a GPU) than one Cayley per layer
     assert all(float(cell.split("=")[1].strip(" x")) > 5 for cell in ops_row.strip("|").split("|")[1:])
