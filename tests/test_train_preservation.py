@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import tiny_config
 
 from nblora_diffusion import diffusion
 from nblora_diffusion.testing import tiny_sd_path
@@ -17,26 +18,17 @@ from nblora_diffusion.training.losses import dreambooth_loss
 from nblora_diffusion.training.preservation import base_prediction, scale_weight_norms
 from nblora_diffusion.training.text import PromptEncoder
 
-DOG = Path(__file__).resolve().parents[1] / "assets" / "dreambooth" / "dog"
 KINDS = ("nblora", "lora", "dora", "pissa")
 
 
 def config(out: Path, **changes) -> TrainConfig:
-    values = dict(
-        pretrained_model_name_or_path=str(tiny_sd_path()),
-        instance_data_dir=str(DOG),
-        instance_prompt="a photo of sks dog",
+    defaults = dict(
         class_prompt="a photo of dog",
-        output_dir=str(out),
-        resolution=32,
-        seed=0,
-        report_to="none",
         max_train_steps=3,
         checkpointing_steps=1000,
         rank=4,
     )
-    values.update(changes)
-    return TrainConfig(**values)
+    return tiny_config(out, **{**defaults, **changes})
 
 
 def adapted_pipe(kind: str, seed: int = 0):

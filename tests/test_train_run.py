@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import tiny_config
 
 from nblora_diffusion import diffusion
 from nblora_diffusion.core import nblora_layers
@@ -18,19 +19,13 @@ from nblora_diffusion.testing import tiny_sd_path
 from nblora_diffusion.training import TrainCallbacks, TrainConfig, train
 from nblora_diffusion.training import loop as train_loop
 
-DOG = Path(__file__).resolve().parents[1] / "assets" / "dreambooth" / "dog"
 STEPS = 6
 
 
 def full_config(out: Path, **changes) -> TrainConfig:
     """Every output on: accumulation across an epoch boundary, flips, validation, kohya, TensorBoard."""
-    values = dict(
-        pretrained_model_name_or_path=str(tiny_sd_path()),
-        instance_data_dir=str(DOG),
-        instance_prompt="a photo of sks dog",
+    defaults = dict(
         class_prompt="a photo of dog",
-        output_dir=str(out),
-        resolution=32,
         random_flip=True,
         train_batch_size=1,
         gradient_accumulation_steps=2,  # 5 photos -> 3 updates per epoch: the run crosses an epoch boundary
@@ -44,10 +39,9 @@ def full_config(out: Path, **changes) -> TrainConfig:
         num_validation_images=2,
         validation_inference_steps=2,
         export_kohya=True,
-        seed=0,
+        report_to="tensorboard",
     )
-    values.update(changes)
-    return TrainConfig(**values)
+    return tiny_config(out, **{**defaults, **changes})
 
 
 @pytest.fixture(scope="module")
