@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nblora_diffusion.adapters import adapt_model, make_tiny_vit, merge_and_unload
+from nblora_diffusion.transformer_models import adapt_model, make_tiny_vit, merge_and_unload
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # every Linear of the ViT blocks (transformers >= 5 names); the head is trained in full

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from nblora_diffusion.adapters import (
+from nblora_diffusion.formats import MODEL_ADAPTER_CONFIG_FILE
+from nblora_diffusion.transformer_models import (
     PRESETS,
     adapt_model,
     export_peft,
@@ -30,7 +31,6 @@ from nblora_diffusion.adapters import (
     preset_config,
     save_model_adapter,
 )
-from nblora_diffusion.formats import MODEL_ADAPTER_CONFIG_FILE
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = PRESETS["llama"] + ("lm_head",)  # q/k/v/o/gate/up/down and the output head
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     from peft import PeftModel
     from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
-    from nblora_diffusion.adapters.trainer import NBLoRACheckpointCallback
+    from nblora_diffusion.transformer_models.trainer import NBLoRACheckpointCallback
 
     base_dir = make_tiny_llama(workdir / "tiny-llama", seed=args.seed)
     dtype = torch.bfloat16 if args.bf16 else torch.float32

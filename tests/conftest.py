@@ -73,7 +73,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     """A tiny random LLaMA saved in the transformers format."""
-    from nblora_diffusion.adapters.tiny import make_tiny_llama
+    from nblora_diffusion.transformer_models.tiny import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("llama") / "model")
 
@@ -81,6 +81,6 @@ def llama_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vit_dir(tmp_path_factory):
     """A tiny random ViT saved in the transformers format."""
-    from nblora_diffusion.adapters.tiny import make_tiny_vit
+    from nblora_diffusion.transformer_models.tiny import make_tiny_vit
 
     return make_tiny_vit(tmp_path_factory.mktemp("vit") / "model")

@@ -11,9 +11,9 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from nblora_diffusion import NBLoRAConfig, inject_nblora
-from nblora_diffusion.adapters import adapt_model
-from nblora_diffusion.adapters.tiny import tiny_llama_config, tiny_vit_config
 from nblora_diffusion.core import nblora_layers, set_nblora_scale
+from nblora_diffusion.transformer_models import adapt_model
+from nblora_diffusion.transformer_models.tiny import tiny_llama_config, tiny_vit_config
 
 ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 

@@ -7,50 +7,71 @@ import importlib
 import pytest
 import torch
 
-OLD_TO_NEW = [
-    ("nblora_diffusion.adapters", "add_nblora", "nblora_diffusion.adapters", "adapt_model"),
-    ("nblora_diffusion.adapters", "make_config", "nblora_diffusion.adapters", "preset_config"),
-    ("nblora_diffusion.adapters", "resolve_targets", "nblora_diffusion.adapters", "preset_modules"),
-    ("nblora_diffusion.adapters", "save_adapter", "nblora_diffusion.adapters", "save_model_adapter"),
-    ("nblora_diffusion.adapters", "load_adapter", "nblora_diffusion.adapters", "load_model_adapter"),
-    ("nblora_diffusion.adapters.presets", "add_nblora", "nblora_diffusion.adapters", "adapt_model"),
-    ("nblora_diffusion.adapters.io", "save_adapter", "nblora_diffusion.adapters", "save_model_adapter"),
+TM = "nblora_diffusion.transformer_models"  # the LLM/ViT package, once nblora_diffusion.adapters
+OLD_TO_NEW = [  # ("module:old name", "module:new name")
+    (f"{TM}:add_nblora", f"{TM}:adapt_model"),
+    (f"{TM}:make_config", f"{TM}:preset_config"),
+    (f"{TM}:resolve_targets", f"{TM}:preset_modules"),
+    (f"{TM}:save_adapter", f"{TM}:save_model_adapter"),
+    (f"{TM}:load_adapter", f"{TM}:load_model_adapter"),
+    (f"{TM}.presets:add_nblora", f"{TM}:adapt_model"),
+    (f"{TM}.io:save_adapter", f"{TM}:save_model_adapter"),
     (
-        "nblora_diffusion.diffusion.adapter",
-        "resolve_targets",
-        "nblora_diffusion.diffusion.adapter",
-        "linear_targets",
+        "nblora_diffusion.diffusion.adapter:resolve_targets",
+        "nblora_diffusion.diffusion.adapter:linear_targets",
     ),
-    ("nblora_diffusion.diffusion.targets", "PRESETS", "nblora_diffusion.diffusion.targets", "PRESET_NAMES"),
-    (
-        "nblora_diffusion.training.config",
-        "TARGET_PRESETS",
-        "nblora_diffusion.diffusion.targets",
-        "PRESET_NAMES",
-    ),
-    ("eval.dataset", "DreamBoothDataset", "eval.dataset", "DreamBoothBenchmark"),
-    ("nblora_diffusion.diffusion.targets", "format_p", "nblora_diffusion.formats", "format_p"),
-    (
-        "nblora_diffusion.app_logic.handlers",
-        "DEFAULT_BASE_MODEL",
-        "nblora_diffusion.formats",
-        "DEFAULT_BASE_MODEL",
-    ),
+    ("nblora_diffusion.diffusion.targets:PRESETS", "nblora_diffusion.diffusion.targets:PRESET_NAMES"),
+    ("nblora_diffusion.training.config:TARGET_PRESETS", "nblora_diffusion.diffusion.targets:PRESET_NAMES"),
+    ("eval.dataset:DreamBoothDataset", "eval.dataset:DreamBoothBenchmark"),
+    ("nblora_diffusion.diffusion.targets:format_p", "nblora_diffusion.formats:format_p"),
+    ("nblora_diffusion.app_logic.handlers:DEFAULT_BASE_MODEL", "nblora_diffusion.formats:DEFAULT_BASE_MODEL"),
 ]
 
 
-@pytest.mark.parametrize(("old_module", "old", "new_module", "new"), OLD_TO_NEW)
-def test_old_name_warns_and_is_the_new_object(old_module, old, new_module, new):
-    module = importlib.import_module(old_module)
-    with pytest.warns(DeprecationWarning, match=new):
-        got = getattr(module, old)
-    assert got is getattr(importlib.import_module(new_module), new)
+def _resolve(where: str):
+    module, name = where.split(":")
+    return importlib.import_module(module), name
+
+
+@pytest.mark.parametrize(("old", "new"), OLD_TO_NEW)
+def test_old_name_warns_and_is_the_new_object(old, new):
+    (old_module, old_name), (new_module, new_name) = _resolve(old), _resolve(new)
+    with pytest.warns(DeprecationWarning, match=new_name):
+        got = getattr(old_module, old_name)
+    assert got is getattr(new_module, new_name)
+
+
+def test_old_package_name_warns_once_and_is_the_new_package(monkeypatch):
+    import sys
+    import warnings
+
+    import nblora_diffusion
+    import nblora_diffusion.transformer_models as new
+
+    old_names = [n for n in sys.modules if n.split(".")[:2] == ["nblora_diffusion", "adapters"]]
+    for name in old_names:  # a first import, whatever ran before in this process
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delattr(nblora_diffusion, "adapters", raising=False)
+    with pytest.warns(
+        DeprecationWarning, match="nblora_diffusion.adapters is deprecated.*transformer_models"
+    ):
+        import nblora_diffusion.adapters as old
+    assert old is new
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: a second import and the old submodules do not warn again
+        for sub in ("", ".io", ".presets", ".tiny", ".dp_merge", ".trainer"):  # the modules themselves
+            assert importlib.import_module(f"nblora_diffusion.adapters{sub}") is importlib.import_module(
+                TM + sub
+            )
+        from nblora_diffusion.adapters import adapt_model
+    assert nblora_diffusion.adapters is new and adapt_model is new.adapt_model
+    assert new.io.__spec__.name == f"{TM}.io"  # the module keeps its own spec
 
 
 def test_old_atomic_write_json_keeps_its_argument_order(tmp_path):
     import json
 
-    from nblora_diffusion.adapters import io
+    from nblora_diffusion.transformer_models import io
 
     with pytest.warns(DeprecationWarning, match="fileio.atomic_write_json"):
         old = io.atomic_write_json
@@ -59,18 +80,18 @@ def test_old_atomic_write_json_keeps_its_argument_order(tmp_path):
 
 
 def test_unknown_name_is_still_an_attribute_error():
-    import nblora_diffusion.adapters as adapters
+    import nblora_diffusion.transformer_models as transformer_models
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        adapters.nope  # noqa: B018
+        transformer_models.nope  # noqa: B018
 
 
 def test_model_adapter_folder_with_the_old_config_name_still_loads(llama_dir, tmp_path):
     from transformers import LlamaForCausalLM
 
     from nblora_diffusion import nblora_layers
-    from nblora_diffusion.adapters import adapt_model, load_model_adapter, save_model_adapter
     from nblora_diffusion.formats import LEGACY_MODEL_ADAPTER_CONFIG_FILE, MODEL_ADAPTER_CONFIG_FILE
+    from nblora_diffusion.transformer_models import adapt_model, load_model_adapter, save_model_adapter
 
     torch.manual_seed(0)
     model = LlamaForCausalLM.from_pretrained(llama_dir)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, ViTForImageClassification
 
-from nblora_diffusion.adapters import PRESETS, adapt_model, preset_config
 from nblora_diffusion.core import nblora_layers
 from nblora_diffusion.core.bounds import schatten_norm
+from nblora_diffusion.transformer_models import PRESETS, adapt_model, preset_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 

@@ -164,8 +164,14 @@ def export_peft(
 __getattr__ = deprecated_names(
     __name__,
     {
-        "save_adapter": ("nblora_diffusion.adapters.save_model_adapter", lambda: save_model_adapter),
-        "load_adapter": ("nblora_diffusion.adapters.load_model_adapter", lambda: load_model_adapter),
+        "save_adapter": (
+            "nblora_diffusion.transformer_models.save_model_adapter",
+            lambda: save_model_adapter,
+        ),
+        "load_adapter": (
+            "nblora_diffusion.transformer_models.load_model_adapter",
+            lambda: load_model_adapter,
+        ),
         "atomic_write_json": (
             "nblora_diffusion.fileio.atomic_write_json(path, data)",
             lambda: _old_write_json,

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from nblora_diffusion import NBLoRALinear
-from nblora_diffusion.adapters import (
+from nblora_diffusion.core import NBLoRAConfig, inject_nblora, nblora_layers, unload_nblora
+from nblora_diffusion.core.bounds import schatten_norm
+from nblora_diffusion.transformer_models import (
     LayerUpdate,
     adapt_model,
     adapter_updates,
@@ -23,8 +25,6 @@ from nblora_diffusion.adapters import (
     project_update,
     save_model_adapter,
 )
-from nblora_diffusion.core import NBLoRAConfig, inject_nblora, nblora_layers, unload_nblora
-from nblora_diffusion.core.bounds import schatten_norm
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 

@@ -107,8 +107,8 @@ def adapt_model(
 __getattr__ = deprecated_names(
     __name__,
     {
-        "add_nblora": ("nblora_diffusion.adapters.adapt_model", lambda: adapt_model),
-        "make_config": ("nblora_diffusion.adapters.preset_config", lambda: preset_config),
-        "resolve_targets": ("nblora_diffusion.adapters.preset_modules", lambda: preset_modules),
+        "add_nblora": ("nblora_diffusion.transformer_models.adapt_model", lambda: adapt_model),
+        "make_config": ("nblora_diffusion.transformer_models.preset_config", lambda: preset_config),
+        "resolve_targets": ("nblora_diffusion.transformer_models.preset_modules", lambda: preset_modules),
     },
 )

@@ -10,7 +10,8 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import LlamaForCausalLM, ViTForImageClassification
 
-from nblora_diffusion.adapters import (
+from nblora_diffusion.core import nblora_layers, set_nblora_scale
+from nblora_diffusion.transformer_models import (
     adapt_model,
     export_peft,
     load_model_adapter,
@@ -18,7 +19,6 @@ from nblora_diffusion.adapters import (
     preset_config,
     save_model_adapter,
 )
-from nblora_diffusion.core import nblora_layers, set_nblora_scale
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
