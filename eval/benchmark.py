@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from nblora_diffusion.metrics import MetricConfig, Protocol, get_protocol, list_images, strip_token
 from nblora_diffusion.metrics.protocols import drift_prompts
 
-from . import adapters as adapter_io
+from . import checkpoints
 from .dataset import DreamBoothBenchmark, Subject, format_prompt, prompt_templates, read_dataset
 from .grids import merge_seeds
 from .methods import Method, read_methods
@@ -173,7 +173,7 @@ def _cli_args(options: dict) -> list[str]:
 def train_unit(spec: BenchmarkSpec, s: Subject, m: Method) -> None:
     """Train one unit to the end, resuming from its latest checkpoint if a previous run was killed."""
     from nblora_diffusion.training import TrainConfig, train
-    from nblora_diffusion.training.checkpoint import checkpoints
+    from nblora_diffusion.training.checkpoint import checkpoints as saved
 
     run = spec.run_dir(s, m)
     opts = train_options(spec, s, m)
@@ -185,7 +185,7 @@ def train_unit(spec: BenchmarkSpec, s: Subject, m: Method) -> None:
                 "use another --out or remove that run"
             )
         return
-    resume = {"resume_from_checkpoint": "latest"} if checkpoints(run) else {"overwrite_output_dir": True}
+    resume = {"resume_from_checkpoint": "latest"} if saved(run) else {"overwrite_output_dir": True}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -210,9 +210,9 @@ def unit_done(spec: BenchmarkSpec, s: Subject, m: Method) -> bool:
 
 
 def score_unit(spec: BenchmarkSpec, scorer: Scorer, s: Subject, m: Method) -> dict:
-    refs = [dataclasses.replace(r, run=m.id) for r in adapter_io.discover(spec.run_dir(s, m))]
+    refs = [dataclasses.replace(r, run=m.id) for r in checkpoints.discover(spec.run_dir(s, m))]
     if spec.sweep_delta and refs[-1].kind == "nblora":  # the final adapter along the slider
-        refs += adapter_io.sweep(refs[-1], list(spec.sweep_delta))
+        refs += checkpoints.sweep(refs[-1], list(spec.sweep_delta))
     prompts = spec.prompts_for(s)
     texts = clip_texts(prompts, spec.token, spec.keep_token)
     drift = None

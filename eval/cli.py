@@ -264,7 +264,7 @@ def run_score(a: argparse.Namespace) -> int:
     from nblora_diffusion.metrics import list_images, strip_token
     from nblora_diffusion.metrics.protocols import drift_prompts
 
-    from . import adapters as adapter_io
+    from . import checkpoints
     from .dataset import find_prompts_file, format_prompt, prompt_templates, read_prompt_lists
     from .score import Scorer, clip_texts
 
@@ -282,7 +282,7 @@ def run_score(a: argparse.Namespace) -> int:
         class_noun = classes[subject]
     refs, labels = [], {}
     for folder in a.adapters:
-        found = adapter_io.discover(folder)
+        found = checkpoints.discover(folder)
         label = found[0].run
         labels[label] = labels.get(label, 0) + 1
         if labels[label] > 1:
@@ -294,7 +294,7 @@ def run_score(a: argparse.Namespace) -> int:
         nblora = [r for r in last.values() if r.kind == "nblora"]
         if not nblora:
             raise ValueError("--sweep_delta needs at least one NB-LoRA run among --adapters")
-        refs += [x for r in nblora for x in adapter_io.sweep(r, deltas)]
+        refs += [x for r in nblora for x in checkpoints.sweep(r, deltas)]
     token = a.token or next((r.token for r in refs if r.token), None) or "sks"
     templates = prompt_templates(a.prompts, class_noun, prompts_file)[: a.max_prompts]
     prompts = [format_prompt(t, token, class_noun) for t in templates]

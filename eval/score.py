@@ -30,7 +30,7 @@ from nblora_diffusion.metrics import (
     strip_token,
 )
 
-from . import adapters as adapter_io
+from . import checkpoints
 from .report import NAMES, curves_plot, markdown_table, read_json, write_csv, write_json, write_text
 
 
@@ -145,14 +145,14 @@ class Scorer:
         _ = self.pipe
         return self
 
-    def check(self, refs: list[adapter_io.AdapterRef]) -> None:
+    def check(self, refs: list[checkpoints.AdapterRef]) -> None:
         if not self.allow_other_base:
             for ref in refs:
-                adapter_io.check_base_model(ref, self.base_model)
+                checkpoints.check_base_model(ref, self.base_model)
 
     def score_subject(
         self,
-        refs: list[adapter_io.AdapterRef],
+        refs: list[checkpoints.AdapterRef],
         real: list[Path],
         prompts: list[str],
         texts: list[str],
@@ -188,7 +188,7 @@ class Scorer:
             disable=not progress,
         ):
             rows.append(self._score_one(ref, real, prompts, texts, drift_texts, out, key))
-        adapter_io.clear(self.pipe)
+        checkpoints.clear(self.pipe)
         real_row = self.suite.reference(real, texts)
         report = {
             **(info or {}),
@@ -205,7 +205,7 @@ class Scorer:
         """Base-model images of the token-free prompts (once per prompt list)."""
         key = tuple(texts)
         if getattr(self, "_drift_key", None) != key:
-            adapter_io.clear(self.pipe)
+            checkpoints.clear(self.pipe)
             self._drift_images = generate(self.pipe, texts, self.gen, desc="drift: base model")
             self._drift_key = key
         return self._drift_images
@@ -217,7 +217,7 @@ class Scorer:
         if hit and hit.get("fingerprint") == key and hit.get("adapter_sha256") == digest:
             return hit["row"]
         drift_base = self._drift_base(drift_texts) if "drift" in self.suite.config.metrics else None
-        adapter_io.apply(self.pipe, ref)
+        checkpoints.apply(self.pipe, ref)
         groups = generate(self.pipe, prompts, self.gen, desc=f"generating {ref.name}")
         if self.gen.save_images:
             folder = out / "images" / ref.run / ref.name

@@ -144,7 +144,7 @@ def test_bad_input_is_a_one_line_error(runs, tmp_path, capsys):
 
 
 def test_discover_lists_checkpoints_then_a_final_adapter_of_another_step(runs, tmp_path):
-    from eval.adapters import discover
+    from eval.checkpoints import discover
 
     _, root = runs
     for kind in ("nblora", "lora"):
