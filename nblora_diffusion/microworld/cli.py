@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
     j = sub.add_parser("judge", help="train the judge CNN (kind and pattern reader) and report its accuracy")
     j.add_argument("--out", required=True, help="safetensors file to write")
-    j.add_argument("--steps", type=int, default=800)
+    j.add_argument("--steps", type=int, default=3000)
     j.add_argument("--seed", type=int, default=0)
     q = sub.add_parser("gates", help="measure the micro SD's quality gates with the judges")
     q.add_argument("--model", default=None, help="pipeline folder (default: the shipped micro SD)")

@@ -118,7 +118,7 @@ def _labels(scenes: list[Scene]) -> tuple[torch.Tensor, ...]:
     )
 
 
-def train_judge(steps: int = 800, batch: int = 128, seed: int = 0) -> JudgeNet:
+def train_judge(steps: int = 3000, batch: int = 128, seed: int = 0) -> JudgeNet:
     torch.manual_seed(seed)
     net = JudgeNet()
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
