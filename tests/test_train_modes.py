@@ -16,8 +16,8 @@ from nblora_diffusion import diffusion
 from nblora_diffusion.testing import tiny_sd_path
 from nblora_diffusion.training import TrainConfig, TrainingError, train
 from nblora_diffusion.training import loop as train_loop
-from nblora_diffusion.training.adapters import add_adapters
 from nblora_diffusion.training.config import ADAPTERS
+from nblora_diffusion.training.methods import add_adapters
 from nblora_diffusion.training.sampling import ensure_class_images
 
 

@@ -13,8 +13,8 @@ from train_helpers import tiny_config
 from nblora_diffusion import diffusion
 from nblora_diffusion.testing import tiny_sd_path
 from nblora_diffusion.training import TrainConfig, train
-from nblora_diffusion.training.adapters import add_adapters
 from nblora_diffusion.training.losses import dreambooth_loss
+from nblora_diffusion.training.methods import add_adapters
 from nblora_diffusion.training.preservation import base_prediction, scale_weight_norms
 from nblora_diffusion.training.text import PromptEncoder
 

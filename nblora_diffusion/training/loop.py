@@ -7,21 +7,21 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from .. import diffusion
 from . import checkpoint as ckpt
-from .adapters import TEXT_COMPONENTS, AdapterSetup, add_adapters, layer_norms
 from .caching import LatentCache, VAELatents, check_latent_cache, offload, onloaded
 from .config import TrainConfig
 from .logs import RunLog, plot_norms
 from .losses import dreambooth_loss
+from .methods import TEXT_COMPONENTS, AdapterSetup, add_adapters
+from .norms import layer_norms
 from .outputs import write_adapter
 from .preservation import scale_weight_norms
+from .run import Parts, Run, TrainCallbacks, TrainingError, TrainResult
 from .sampling import generate
 from .setup import (
     check_inputs,
@@ -31,6 +31,7 @@ from .setup import (
     make_dataloader,
     make_optimizer,
     prepare_output,
+    tf32_matmuls,
     write_run_config,
 )
 from .text import PromptEncoder
@@ -43,48 +44,6 @@ OOM_HINT = (
     "--cache_latents, --cache_text_embeddings, --optimizer adamw8bit, or a smaller --resolution / --rank "
     "(--estimate_memory tells the peak without a GPU)"
 )
-
-
-class TrainingError(ValueError):
-    """A run that cannot go on (non-finite loss, out of memory); the message is one line."""
-
-
-@dataclass
-class TrainCallbacks:
-    """Optional hooks, called on the main process after each optimizer step / validation / checkpoint."""
-
-    on_step: Callable[[int, int, float, float, float], None] | None = (
-        None  # step, max_steps, loss, lr, elapsed_s
-    )
-    on_validation: Callable[[int, list[Image.Image]], None] | None = None  # step, images
-    on_checkpoint: Callable[[int, Path], None] | None = None  # step, checkpoint folder
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    final_step: int
-    last_checkpoint: Path | None
-    stopped: bool
-
-
-@dataclass
-class Run:
-    """Everything one training run holds, built by the named steps of ``train``."""
-
-    config: TrainConfig
-    output_dir: Path
-    accelerator: object
-    pipe: object
-    setup: AdapterSetup
-    resolution: int
-    sdxl: bool
-    weight_dtype: torch.dtype
-    data_seed: int
-    global_step: int = 0
-    last_checkpoint: Path | None = None
-    offloaded: list = field(default_factory=list)  # cached-away VAE / text encoders, back for validation
-    metrics: ValidationMetrics | None = None  # --validation_metrics: the suite and the base model's row
 
 
 # -- steps inside the loop ----------------------------------------------------------------------------
@@ -128,12 +87,11 @@ def validate(run: Run, runlog: RunLog, callbacks: TrainCallbacks) -> None:
         images = generate(
             run.pipe,
             cfg.validation_prompt,
-            cfg.num_validation_images,
-            cfg.validation_inference_steps,
-            run.resolution,
-            cfg.seed or 0,
-            cfg.num_validation_images,
-            run.sdxl,
+            num=cfg.num_validation_images,
+            steps=cfg.validation_inference_steps,
+            resolution=run.resolution,
+            seed=cfg.seed or 0,
+            sdxl=run.sdxl,
         )
         if run.metrics is not None:
             run.metrics.evaluate(run.global_step, run.pipe, images, run.accelerator)
@@ -179,31 +137,40 @@ def train(
     )
     if accelerator.num_processes > 1:  # one seed for all processes: the data shards and Bernoulli draws agree
         data_seed = broadcast_object_list([data_seed])[0]
-    tf32 = torch.backends.cuda.matmul.allow_tf32  # a process-wide flag: restored when the run ends
-    if config.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
     run = None
     try:
-        pipe, weight_dtype, resolution = load_base(config, accelerator)
-        warn_small(photos, resolution, config)
-        sdxl = diffusion.is_sdxl(pipe)
-        classes = class_photos(config, pipe, resolution, sdxl, data_seed, accelerator)
-        if config.cache_latents:
-            check_latent_cache(photos, classes, resolution, config.center_crop)
-        main = accelerator.is_main_process  # the base model's metric row, before the adapters exist
-        metrics = ValidationMetrics.prepare(config, pipe, out, photos, resolution, sdxl) if main else None
-        setup = add_adapters(pipe, config)
-        prepare_output(config, out, accelerator)  # the first write to --output_dir: every check has passed
-        write_run_config(config, out, resume, accelerator)
-        run = Run(config, out, accelerator, pipe, setup, resolution, sdxl, weight_dtype, data_seed)
-        run.metrics = metrics
-        parts = build(run, photos, classes, resume)
-        return fit(run, parts, callbacks, should_stop)
+        with tf32_matmuls(config.allow_tf32):  # a process-wide flag: restored when the run ends or raises
+            pipe, weight_dtype, resolution = load_base(config, accelerator)
+            warn_small(photos, resolution, config)
+            sdxl = diffusion.is_sdxl(pipe)
+            classes = class_photos(config, pipe, resolution, sdxl, data_seed, accelerator)
+            if config.cache_latents:
+                check_latent_cache(photos, classes, resolution, config.center_crop)
+            main = accelerator.is_main_process  # the base model's metric row, before the adapters exist
+            metrics = ValidationMetrics.prepare(config, pipe, out, photos, resolution, sdxl) if main else None
+            setup = add_adapters(pipe, config)
+            prepare_output(
+                config, out, accelerator
+            )  # the first write to --output_dir: every check has passed
+            write_run_config(config, out, resume, accelerator)
+            run = Run(
+                config=config,
+                output_dir=out,
+                accelerator=accelerator,
+                pipe=pipe,
+                setup=setup,
+                resolution=resolution,
+                sdxl=sdxl,
+                weight_dtype=weight_dtype,
+                data_seed=data_seed,
+                metrics=metrics,
+            )
+            parts = build(run, photos, classes, resume)
+            return fit(run, parts, callbacks, should_stop)
     except torch.OutOfMemoryError:
         where = f"at step {run.global_step + 1}" if run is not None else "while preparing the run"
         raise TrainingError(f"out of memory {where}; {OOM_HINT}") from None
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
         accelerator.end_training()
 
 
@@ -217,21 +184,6 @@ def warn_small(photos, resolution: int, config: TrainConfig) -> None:
                     *p.image.size,
                     resolution,
                 )
-
-
-@dataclass
-class Parts:
-    """The prepared training objects (accelerate may have wrapped the models for DDP)."""
-
-    models: list
-    unet: object
-    optimizer: object
-    loader: object
-    sampler: object
-    lr_scheduler: object
-    noise_scheduler: object
-    prompts: PromptEncoder
-    latents_of: object  # batch -> latents: caching.VAELatents or caching.LatentCache
 
 
 def build(run: Run, photos, classes, resume: Path | None) -> Parts:
@@ -293,15 +245,15 @@ def build(run: Run, photos, classes, resume: Path | None) -> Parts:
             log.info("resumed from %s at step %d", resume, run.global_step)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return Parts(
-        models,
-        prepared["unet"],
-        optimizer,
-        loader,
-        sampler,
-        lr_scheduler,
-        noise_scheduler,
-        prompts,
-        latents_of,
+        models=models,
+        unet=prepared["unet"],
+        optimizer=optimizer,
+        loader=loader,
+        sampler=sampler,
+        lr_scheduler=lr_scheduler,
+        noise_scheduler=noise_scheduler,
+        prompts=prompts,
+        latents_of=latents_of,
     )
 
 
@@ -337,13 +289,13 @@ def fit(
                     loss = dreambooth_loss(
                         batch,
                         parts.unet,
-                        parts.latents_of,
-                        parts.noise_scheduler,
-                        parts.prompts,
-                        run.resolution,
-                        run.weight_dtype,
-                        cfg.prior_loss_weight,
-                        cfg.snr_gamma,
+                        latents_of=parts.latents_of,
+                        noise_scheduler=parts.noise_scheduler,
+                        prompts=parts.prompts,
+                        resolution=run.resolution,
+                        weight_dtype=run.weight_dtype,
+                        prior_loss_weight=cfg.prior_loss_weight,
+                        snr_gamma=cfg.snr_gamma,
                         noise_offset=cfg.noise_offset,
                         output_preservation_weight=cfg.output_preservation_weight,
                         adapter_setup=setup,

@@ -10,11 +10,10 @@ import os
 import shutil
 from pathlib import Path
 
-from .. import diffusion
 from ..fileio import staging_dir
 from ..formats import ADAPTER_CONFIG_FILE, DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, TRAIN_CONFIG_FILE
-from .adapters import AdapterSetup, save_peft_kohya, save_peft_lora
 from .config import TrainConfig
+from .methods import AdapterSetup
 
 KOHYA_FILE = KOHYA_LORA_FILE
 CONFIG_FILE = TRAIN_CONFIG_FILE
@@ -66,28 +65,9 @@ def write_adapter(
 ) -> None:
     """The adapter alone in ``folder``: native NB-LoRA (final: plus the diffusers LoRA export and, with
     --export_kohya, the kohya file), or for baselines diffusers' pytorch_lora_weights.safetensors."""
-    kohya = final and config.export_kohya
+    token = instance_token(config.instance_prompt, config.class_prompt)
     with staging_dir(folder) as tmp:
-        if setup.kind == "nblora":
-            diffusion.save_adapter(
-                pipe,
-                tmp,
-                base_model=config.pretrained_model_name_or_path,
-                token=instance_token(config.instance_prompt, config.class_prompt),
-                instance_prompt=config.instance_prompt,
-                class_prompt=config.class_prompt,
-                global_step=step,
-                norm_p=config.norm_p,
-                train_text_encoder=config.train_text_encoder,
-            )
-            if final:
-                diffusion.export_diffusers_lora(pipe, tmp)
-                if kohya:
-                    diffusion.export_kohya_lora(pipe, tmp / KOHYA_FILE, resolution=config.resolution)
-        else:
-            save_peft_lora(pipe, setup, tmp)
-            if kohya:
-                save_peft_kohya(setup, tmp / KOHYA_FILE, pipe, config.resolution)
+        setup.save(pipe, tmp, config, step, final, token)
         last = [p for p in tmp.iterdir() if p.name == ADAPTER_CONFIG_FILE]
         for p in [p for p in tmp.iterdir() if p not in last] + last:  # the config JSON goes in last
             os.chmod(p, 0o644)  # temporary files are private (0600); outputs are ordinary files

@@ -1,13 +1,16 @@
 """The setup steps of a run: input checks, accelerator, base model, output folder, class images, optimizer,
-data loader. Each is a function of explicit arguments, called in order by ``train``."""
+data loader. Each is a function of explicit arguments, called in order by ``train``; with them the two
+pieces of process-wide state a run touches (accelerate's state, torch's TF32 flag), each in one function."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -78,12 +81,9 @@ def check_compile(device_type: str) -> None:
 
 def make_accelerator(config: TrainConfig, out: Path):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
-    previous = AcceleratorState._shared_state.get("_mixed_precision")
-    if previous is not None and previous != config.mixed_precision and AcceleratorState().num_processes == 1:
-        AcceleratorState._reset_state()  # a second run in this process with another precision (the app)
+    allow_another_precision(config.mixed_precision)
     if config.report_to == "tensorboard" and not any(
         map(importlib.util.find_spec, ("tensorboard", "tensorboardX"))
     ):
@@ -94,6 +94,38 @@ def make_accelerator(config: TrainConfig, out: Path):
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / config.logging_dir)),
     )
+
+
+def allow_another_precision(mixed_precision: str) -> None:
+    """Let a second ``train()`` in this process use another --mixed_precision (the app, the tests).
+
+    accelerate keeps one process-wide ``AcceleratorState`` and refuses an ``Accelerator`` whose
+    mixed_precision differs from the first one's ("AcceleratorState has already been initialized and
+    cannot be changed"). It has no public way to start over (accelerate 1.15: only the private
+    ``AcceleratorState._reset_state``, which its own test case calls between tests; ``free_memory`` and
+    ``end_training`` keep the state), so this is the one place that calls it: in a single process only
+    (a launcher's multi-process state is never touched), and only when the precision differs.
+    """
+    from accelerate.state import AcceleratorState, is_initialized
+
+    if not is_initialized():
+        return
+    state = AcceleratorState()
+    if state.mixed_precision != mixed_precision and state.num_processes == 1:
+        AcceleratorState._reset_state()  # private: see the docstring
+
+
+@contextlib.contextmanager
+def tf32_matmuls(allow: bool) -> Iterator[None]:
+    """--allow_tf32: TF32 matmuls on a GPU inside; torch's process-wide flag is as it was once the block ends
+    or raises, so later runs and generations in the same process (the app, tests) are unaffected."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    if allow and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def load_base(config: TrainConfig, accelerator) -> tuple[object, torch.dtype, int]:
