@@ -1,6 +1,6 @@
 """Table 3 in miniature: the paper's DreamBooth trade-off measured end to end on the micro world.
 
-    python examples/table3_mini.py            # full mode: ~40 min on 2 CPU cores (README)
+    python examples/table3_mini.py            # full mode: 39.5 min on 2 CPU cores (README)
     python examples/table3_mini.py --quick    # 1 subject, 2 methods, 100 steps: about a minute
 
 Builds ``python -m eval benchmark`` invocations from the ``table3-micro`` grid (eval/table3_micro.json):
