@@ -1,4 +1,5 @@
-"""From the Train tab's values to a ``training.TrainConfig``, with one-line errors for bad input."""
+"""From the Train tab's values to a ``training.TrainConfig``, with one-line errors for bad input (the
+page's own names and limits here; the rest is ``TrainConfig``'s validation)."""
 
 from __future__ import annotations
 
@@ -71,21 +72,22 @@ def make_train_config(
     checkpointing_steps: int | None = None,
     **extra: Any,
 ) -> Any:
-    """A ``training.TrainConfig`` from the Train tab's values, with one-line ValueErrors for bad input."""
+    """A ``training.TrainConfig`` from the Train tab's values, with one-line ValueErrors for bad input.
+
+    Here the tab's values are read as numbers, under the page's names and limits (steps up to 100 000,
+    rank up to 1024, ...); everything else (e.g. resolution a multiple of 8, prior preservation's class
+    folder) is ``TrainConfig``'s own validation.
+    """
     from ..training import TrainConfig
 
     instance_prompt, class_prompt = prompts_for(token, class_noun)
     pv = p_value(p)
     steps = _positive_int(max_train_steps, "steps", 1, 100_000)
     resolution = _positive_int(resolution, "resolution", 32, 2048)
-    if resolution % 8:  # every supported model needs it (the trainer checks the model's own factor)
-        raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
     validation_steps = _positive_int(validation_steps or max(steps // 4, 1), "validation steps")
     checkpointing_steps = _positive_int(
         checkpointing_steps or max(min(250, steps // 2), 1), "checkpointing steps"
     )
-    if with_prior_preservation and not class_data_dir:
-        raise ValueError("prior preservation needs a class image folder")
     values = dict(
         pretrained_model_name_or_path=str(base_model),
         instance_data_dir=str(instance_data_dir),
@@ -109,7 +111,7 @@ def make_train_config(
     )
     if with_prior_preservation:
         values.update(
-            class_data_dir=str(class_data_dir),
+            class_data_dir=str(class_data_dir) if class_data_dir else None,  # None: TrainConfig says so
             num_class_images=_positive_int(num_class_images, "class images"),
         )
     return TrainConfig(**values)

@@ -13,6 +13,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ..core.bounds import parse_p
+from ..core.config import check_rank
 from ..fileio import atomic_dir
 
 MIN_IMAGES = 3  # DreamBooth needs a few views of the subject
@@ -128,8 +129,7 @@ def p_value(choice: str | float) -> float:
 def delta_range(p: str | float, rank: int) -> tuple[float, float]:
     """A sensible [low, high] range for δ given p and the rank (scales as r^(1/p))."""
     p = p_value(p)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    check_rank(rank)
     factor = 1.0 if math.isinf(p) else rank ** (1.0 / p)
     return _SIGMA_RANGE[0] * factor, _SIGMA_RANGE[1] * factor
 

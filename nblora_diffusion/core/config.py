@@ -1,13 +1,40 @@
-"""NBLoRAConfig: what to inject, where, and with which bound."""
+"""NBLoRAConfig: what to inject, where, and with which bound; and the checks of its layer-level values
+(rank, dropout, parameterization), which the layer and the trainer's config call too."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 from ..formats import format_p
 from .bounds import check_delta, parse_p
+
+PARAMETERIZATIONS = ("I", "II")  # "II": W = 2BᵀSA (default), "I": W = U·D·Vᵀ (paper §3)
+
+
+def check_rank(rank: int, name: str = "rank", at_most: tuple[str, int] | None = None) -> int:
+    """An integer rank >= 1 (and <= ``at_most`` = (what bounds it, its value), e.g. ("min(out, in)", 6))."""
+    valid = not isinstance(rank, bool) and isinstance(rank, int) and rank >= 1
+    if at_most is None and not valid:
+        raise ValueError(f"{name} must be an integer >= 1, got {rank!r}")
+    if at_most is not None and not (valid and rank <= at_most[1]):
+        raise ValueError(f"{name} must be an integer in [1, {at_most[0]} = {at_most[1]}], got {rank!r}")
+    return rank
+
+
+def check_dropout(dropout: float, name: str = "dropout") -> float:
+    """A dropout probability in [0, 1)."""
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {dropout!r}")
+    return dropout
+
+
+def check_parameterization(parameterization: str) -> str:
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"parameterization must be 'I' or 'II', got {parameterization!r}")
+    return parameterization
 
 
 @dataclass(frozen=True)
@@ -22,8 +49,7 @@ class NBLoRAConfig:
     init_std: float | None = None  # std of Ã at init; None -> 1/sqrt(in_features)
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
+        check_rank(self.rank)
         object.__setattr__(self, "p", parse_p(self.p))
         if (self.delta is None) == (self.gamma is None):
             raise ValueError(
@@ -38,10 +64,8 @@ class NBLoRAConfig:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise ValueError(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
-        if self.parameterization not in ("I", "II"):
-            raise ValueError(f"parameterization must be 'I' or 'II', got {self.parameterization!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_parameterization(self.parameterization)
+        check_dropout(self.dropout)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -18,8 +18,7 @@ from ..formats import p_label
 from .bounds import bound_vector, check_delta, fit_bound, parse_p, project_to_ball, s_tilde_for, schatten_norm
 from .cache import FactorCache, Frozen, watch_optimizer_steps
 from .cayley import cayley_sign_flip, cayley_transposed, inverse_cayley
-
-PARAMETERIZATIONS = ("I", "II")
+from .config import check_dropout, check_parameterization, check_rank
 
 Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # P_in (n, r), P_out (m, r), g (r,)
 
@@ -55,12 +54,9 @@ class NBLoRALinear(nn.Module):
         if not isinstance(base_layer, nn.Linear):
             raise ValueError(f"NB-LoRA wraps nn.Linear layers, got {type(base_layer).__name__}")
         m, n = base_layer.out_features, base_layer.in_features
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
-            raise ValueError(f"rank must be an integer in [1, min(out, in) = {min(m, n)}], got {rank!r}")
-        if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"parameterization must be 'I' or 'II', got {parameterization!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_rank(rank, at_most=("min(out, in)", min(m, n)))
+        check_parameterization(parameterization)
+        check_dropout(dropout)
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
         self.in_features, self.out_features = n, m

@@ -16,6 +16,7 @@ from typing import Any
 
 from .._deprecated import deprecated_names
 from ..core.bounds import parse_p
+from ..core.config import check_dropout, check_rank
 from ..diffusion.targets import PRESET_NAMES
 from ..formats import DEFAULT_BASE_MODEL, p_label
 
@@ -176,7 +177,6 @@ class TrainConfig:
             "train_batch_size",
             "gradient_accumulation_steps",
             "max_train_steps",
-            "rank",
             "checkpointing_steps",
             "validation_steps",
             "num_validation_images",
@@ -190,10 +190,17 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(f"--{name} must be an integer >= 1, got {value!r}")
-        for name in ("checkpoints_total_limit", "text_encoder_rank", "resolution"):
+        for name in ("checkpoints_total_limit", "resolution"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 fail(f"--{name} must be an integer >= 1, got {value!r}")
+        # every supported model downsamples by 8 or more; setup.check_resolution checks the model's own factor
+        if self.resolution is not None and self.resolution % 8:
+            fail(f"--resolution must be a multiple of 8, got {self.resolution}")
+        check_rank(self.rank, "--rank")  # the layer-level values: the core's checks, with the option's name
+        if self.text_encoder_rank is not None:
+            check_rank(self.text_encoder_rank, "--text_encoder_rank")
+        check_dropout(self.adapter_dropout, "--adapter_dropout")
         for name in ("lr_warmup_steps", "num_class_images"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 fail(f"--{name} must be an integer >= 0, got {getattr(self, name)!r}")
@@ -212,8 +219,6 @@ class TrainConfig:
                 fail(f"--{name} must be a finite number > 0, got {value!r}")
         if not _finite(self.noise_offset) or self.noise_offset < 0:
             fail(f"--noise_offset must be a finite number >= 0, got {self.noise_offset!r}")
-        if not _finite(self.adapter_dropout) or not 0 <= self.adapter_dropout < 1:
-            fail(f"--adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
         if self.bernoulli_p is not None and (not _finite(self.bernoulli_p) or not 0 < self.bernoulli_p < 1):
             fail(f"--bernoulli_p must be in (0, 1), got {self.bernoulli_p!r}")
         for f in dataclasses.fields(self):

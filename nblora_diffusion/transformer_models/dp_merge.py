@@ -25,6 +25,7 @@ from torch import nn
 
 from ..core import nblora_layers, unload_nblora
 from ..core.bounds import parse_p, project_to_ball, schatten_norm
+from ..core.config import check_rank
 
 
 def frobenius_bound(p: float | str, delta: float, rank: int) -> float:
@@ -36,8 +37,7 @@ def frobenius_bound(p: float | str, delta: float, rank: int) -> float:
     δ·r^(-1/p). Together: B = δ·r^max(0, 1/2 - 1/p); p = inf gives δ·√r.
     """
     p = parse_p(p)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    check_rank(rank)
     if not (isinstance(delta, (int, float)) and math.isfinite(delta) and delta >= 0):
         raise ValueError(f"norm bound delta must be a finite number >= 0, got {delta!r}")
     exponent = 0.5 if math.isinf(p) else max(0.0, 0.5 - 1.0 / p)
