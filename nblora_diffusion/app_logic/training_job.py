@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 log = logging.getLogger(__name__)
 
 TrainFn = Callable[..., Any]  # train(config, callbacks=..., should_stop=...) -> TrainResult
@@ -115,10 +113,7 @@ class TrainingRun:
             )
 
         callbacks = TrainCallbacks(on_step=on_step, on_validation=on_validation, on_checkpoint=on_checkpoint)
-        # train() turns TF32 on for --allow_tf32, a process-wide flag: the app's later generations and
-        # trainings must see the value they had before this run
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        try:
+        try:  # train() itself leaves torch's process-wide TF32 flag as it was (training.setup.tf32_matmuls)
             self.result = self._train_fn(self.config, callbacks=callbacks, should_stop=self._stop.is_set)
             ckpt = getattr(self.result, "last_checkpoint", None) or getattr(self.result, "checkpoint", None)
             if ckpt:
@@ -133,7 +128,6 @@ class TrainingRun:
             self.error = f"training failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             self._events.put(TrainEvent("error", error=self.error))
         finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
             self._done.set()
             self._on_exit()
 
