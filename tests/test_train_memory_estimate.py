@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from nblora_diffusion.diffusion import single_file as sf
 from nblora_diffusion.testing import tiny_sd_path
 from nblora_diffusion.testing.ldm_layout import save_ldm_checkpoint
-from nblora_diffusion.training import TrainConfig, memory
+from nblora_diffusion.training import TrainConfig, memory, stand_ins
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train_dreambooth", ROOT / "train_dreambooth.py")
@@ -122,10 +122,10 @@ def test_memory_savers_lower_the_estimate():
     half = memory.estimate_memory(config(resolution=64, mixed_precision="fp16"))
     assert half.weights["unet"] == pytest.approx(plain.weights["unet"] / 2, rel=0.02)
     big = torch.empty(8192)  # 8-bit states: 1 byte per element and a float32 absmax per 256
-    assert sum(t.nbytes for t in memory._adamw8bit_state(big).values()) == 2 * 8192 + 2 * 4 * 32
+    assert sum(t.nbytes for t in stand_ins.adamw8bit_state(big).values()) == 2 * 8192 + 2 * 4 * 32
     small = torch.empty(100)  # under bitsandbytes' min_8bit_size: float32 states
-    assert sum(t.nbytes for t in memory._adamw8bit_state(small).values()) == 2 * 4 * 100
-    assert sum(t.nbytes for t in memory._prodigy_state(big).values()) == 4 * 4 * 8192
+    assert sum(t.nbytes for t in stand_ins.adamw8bit_state(small).values()) == 2 * 4 * 100
+    assert sum(t.nbytes for t in stand_ins.prodigy_state(big).values()) == 4 * 4 * 8192
 
 
 def test_models_come_from_shipped_configs_known_hub_ids_and_single_files(tmp_path):

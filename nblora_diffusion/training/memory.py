@@ -17,164 +17,34 @@ On a CUDA target three things of the GPU are emulated, since the fake tensors li
 What it counts is ``torch.cuda.max_memory_allocated``: the CUDA context (~0.3-0.5 GB), cuBLAS/cuDNN
 workspaces and allocator fragmentation (``max_memory_reserved``) come on top. Validation images and class
 image generation are inference passes that it does not count.
+
+Here: the phases (``simulate``) and the two ways to run them (``estimate_memory`` on fake tensors,
+``measure_cpu_memory`` on real ones). The weightless models and the optimizer stand-ins are in
+``training.stand_ins``, the GPU emulation in ``training.cuda_emulation``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .adapters import TEXT_COMPONENTS, add_adapters
+from . import stand_ins
 from .caching import VAELatents, _scaled_sample
 from .config import TrainConfig
 from .cuda_emulation import CUDA_BLOCK, LiveBytes, cuda_autocast_policy, cuda_kernels
 from .losses import dreambooth_loss
+from .methods import TEXT_COMPONENTS, add_adapters
+from .stand_ins import KNOWN_MODELS, fake_pipeline, model_folder
 from .text import PromptEncoder
 
 GiB = 2**30
-# hub ids whose configs ship in diffusion/configs, so the estimate needs neither the hub nor the cache
-KNOWN_MODELS = {
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
-    "runwayml/stable-diffusion-v1-5": "sd15",
-    "stabilityai/stable-diffusion-2-1-base": "sd21-base",
-    "stabilityai/stable-diffusion-2-1": "sd21-v",
-    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base",
-}
-
-
-# -- optimizers that cannot run on fake tensors -----------------------------------------------------------
-def _adamw8bit_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """bitsandbytes' AdamW8bit: two uint8 states with a float32 absmax per 256-element block; tensors under
-    4096 elements keep float32 states (its min_8bit_size)."""
-    if p.numel() < 4096:
-        return {
-            "state1": torch.empty_like(p, dtype=torch.float32),
-            "state2": torch.empty_like(p, dtype=torch.float32),
-        }
-    blocks = -(-p.numel() // 256)
-    return {
-        "state1": torch.empty_like(p, dtype=torch.uint8),
-        "state2": torch.empty_like(p, dtype=torch.uint8),
-        "absmax1": torch.empty(blocks, dtype=torch.float32, device=p.device),
-        "absmax2": torch.empty(blocks, dtype=torch.float32, device=p.device),
-    }
-
-
-def _prodigy_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """prodigyopt's Prodigy: exp_avg, exp_avg_sq, s and the initial weights p0, all float32."""
-    return {n: torch.empty_like(p, dtype=torch.float32) for n in ("exp_avg", "exp_avg_sq", "s", "p0")}
-
-
-class _StateSizes(torch.optim.Optimizer):
-    """Allocates an optimizer's state tensors at its first step and a float32 update per tensor each step;
-    no math (bitsandbytes needs a GPU, Prodigy reads tensor values with .item())."""
-
-    def __init__(self, params, state: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> None:
-        super().__init__(params, {})
-        self._make = state
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if not self.state[p]:
-                    self.state[p] = self._make(p)
-                p.add_(torch.zeros_like(p, dtype=torch.float32).to(p.dtype))
-
-
-def _optimizer(config: TrainConfig, params: list) -> torch.optim.Optimizer:
-    if config.optimizer == "adamw8bit":
-        return _StateSizes(params, _adamw8bit_state)
-    if config.optimizer == "prodigy":
-        return _StateSizes(params, _prodigy_state)
-    return torch.optim.AdamW(
-        params, lr=config.learning_rate, weight_decay=config.adam_weight_decay, foreach=False
-    )
-
-
-# -- the models -----------------------------------------------------------------------------------------
-def model_folder(config: TrainConfig) -> Path:
-    """The configs the estimate builds the models from: --base_model_config (a shipped skeleton or a
-    folder), a local diffusers folder, the skeleton a single file's keys show, or a known hub id."""
-    from ..diffusion import single_file
-
-    name = config.base_model_config or config.pretrained_model_name_or_path
-    name = KNOWN_MODELS.get(str(name), str(name))
-    if name in single_file.SKELETONS:
-        return single_file.CONFIGS / name
-    path = Path(name).expanduser()
-    if path.is_dir() and (path / "unet" / "config.json").is_file():
-        return path
-    if path.is_file():
-        ckpt = single_file.read_checkpoint(path, allow_ckpt=config.allow_ckpt)
-        arch = single_file.checkpoint_architecture(ckpt)
-        return single_file.CONFIGS / single_file.skeleton_for(arch, single_file.prediction_type(ckpt, arch))
-    raise ValueError(
-        f"--estimate_memory needs the configs of {name!r}: pass a local diffusers folder, a single file, or "
-        f"--base_model_config {'|'.join(single_file.SKELETONS)}"
-    )
-
-
-class _Ids:
-    """A tokenizer stand-in: the estimate needs the shape of the token ids (P, L), not the tokens."""
-
-    def __init__(self, length: int) -> None:
-        self.model_max_length = length
-
-    def __call__(self, prompts, **kwargs):
-        return types.SimpleNamespace(
-            input_ids=torch.zeros(len(prompts), self.model_max_length, dtype=torch.long)
-        )
-
-
-def fake_pipeline(config: TrainConfig, folder: Path, weight_dtype: torch.dtype, mode):
-    """(pipe, adapters): unet, vae, text encoder(s) and scheduler config of a diffusers folder with the
-    run's adapters, as fake CPU tensors (no weights). Built on the meta device in the training dtypes (the
-    VAE and the adapters float32), then every tensor is given a fake twin."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    index = json.loads((folder / "model_index.json").read_text())
-    with torch.device("meta"):
-        unet_config = UNet2DConditionModel.load_config(folder, subfolder="unet")
-        parts = {
-            "unet": UNet2DConditionModel.from_config(unet_config),
-            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae")),
-        }
-        for name in TEXT_COMPONENTS:
-            if index.get(name) and index[name][0] is not None:
-                projection = index[name][1] == "CLIPTextModelWithProjection"
-                cls = CLIPTextModelWithProjection if projection else CLIPTextModel
-                parts[name] = cls(CLIPTextConfig.from_pretrained(folder / name))
-        for name, model in parts.items():
-            nn.Module.to(model, torch.float32 if name == "vae" else weight_dtype).eval()  # the VAE: float32
-        length = parts["text_encoder"].config.max_position_embeddings
-        tokenizers = {
-            n.replace("text_encoder", "tokenizer"): _Ids(length) for n in TEXT_COMPONENTS if n in parts
-        }
-        scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-        pipe = types.SimpleNamespace(**parts, **tokenizers, scheduler_config=scheduler)
-        setup = add_adapters(pipe, config)
-    cpu = torch.device("cpu")
-    for model in parts.values():
-        for module in model.modules():
-            for store in (module._parameters, module._buffers):
-                for key, t in store.items():
-                    if t is not None:
-                        fake = mode.fake_tensor_converter.from_meta_and_device(mode, t, cpu)
-                        is_param = isinstance(t, nn.Parameter)
-                        store[key] = nn.Parameter(fake, requires_grad=t.requires_grad) if is_param else fake
-    return pipe, setup
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # by --mixed_precision
 
 
 # -- the simulation -------------------------------------------------------------------------------------
@@ -232,7 +102,7 @@ def simulate(
     from ..diffusion import is_sdxl
 
     cfg = config
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     sdxl = is_sdxl(pipe)
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
@@ -275,7 +145,7 @@ def simulate(
         if cfg.cache_text_embeddings:
             for e in encoders:
                 tracker.forget(_module_tensors(e))
-        optimizer = _optimizer(cfg, setup.trainable_parameters())
+        optimizer = stand_ins.optimizer(cfg, setup.trainable_parameters())
         scheduler = DDPMScheduler.from_config(pipe.scheduler_config)
         unet = pipe.unet
         unet.train()
@@ -338,6 +208,16 @@ class _Autocast:
             return self.module(*args, **kwargs)
 
 
+def _cpu_autocast(config: TrainConfig) -> Callable:
+    """What accelerate wraps the trained forwards in under --mixed_precision, as CPU autocast."""
+    low = None if config.mixed_precision == "no" else WEIGHT_DTYPES[config.mixed_precision]
+
+    def autocast():
+        return torch.autocast("cpu", dtype=low) if low is not None else contextlib.nullcontext()
+
+    return autocast
+
+
 def _placeholder_bound(config: TrainConfig) -> TrainConfig:
     """A fixed δ: γ·‖W_base‖ needs weight values, and the bound's value does not change any memory."""
     return config.replace(norm_bound=config.norm_bound or 1.0, norm_bound_ratio=None)
@@ -351,9 +231,7 @@ def estimate_memory(config: TrainConfig, device: str = "cuda") -> MemoryEstimate
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be cuda or cpu, got {device!r}")
     folder = model_folder(config)
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        config.mixed_precision
-    ]
+    weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     config = _placeholder_bound(config)
     pipe, setup = fake_pipeline(config, folder, weight_dtype, mode)
@@ -361,15 +239,10 @@ def estimate_memory(config: TrainConfig, device: str = "cuda") -> MemoryEstimate
     resolution = config.resolution or unet_cfg.sample_size * 2 ** (
         len(pipe.vae.config.block_out_channels) - 1
     )
-    low = None if config.mixed_precision == "no" else weight_dtype
-
-    def autocast():
-        return torch.autocast("cpu", dtype=low) if low is not None else contextlib.nullcontext()
-
     kernels = cuda_kernels() if device == "cuda" else contextlib.nullcontext()
     with mode, kernels, torch.random.fork_rng(devices=[]):
         tracker = LiveBytes(CUDA_BLOCK if device == "cuda" else 1)
-        result = simulate(config, pipe, setup, resolution, tracker, autocast)
+        result = simulate(config, pipe, setup, resolution, tracker, _cpu_autocast(config))
     return dataclasses.replace(result, device=device)
 
 
@@ -383,7 +256,7 @@ def measure_cpu_memory(config: TrainConfig) -> tuple[MemoryEstimate, int]:
 
     if config.mixed_precision == "fp16":
         raise ValueError("measuring on the CPU needs --mixed_precision no or bf16")
-    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16}[config.mixed_precision]
+    weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
     loaded = diffusion.load_pipeline(config.pretrained_model_name_or_path, weight_dtype)
     torch.nn.Module.to(loaded.vae, dtype=torch.float32)
     names = ("unet", "vae", "tokenizer", "tokenizer_2", *TEXT_COMPONENTS)
@@ -392,17 +265,12 @@ def measure_cpu_memory(config: TrainConfig) -> tuple[MemoryEstimate, int]:
         scheduler_config=dict(loaded.scheduler.config),
     )
     resolution = config.resolution or pipe.unet.config.sample_size * loaded.vae_scale_factor
-    low = None if config.mixed_precision == "no" else weight_dtype
-
-    def autocast():
-        return torch.autocast("cpu", dtype=low) if low is not None else contextlib.nullcontext()
-
     config = _placeholder_bound(config)
     setup = add_adapters(pipe, config)
     models = [pipe.unet, pipe.vae, *(getattr(pipe, n) for n in TEXT_COMPONENTS if hasattr(pipe, n))]
     resident = _storage_bytes(t for m in models for t in _module_tensors(m))  # weights and adapters
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
-        result = simulate(config, pipe, setup, resolution, LiveBytes(), autocast)
+        result = simulate(config, pipe, setup, resolution, LiveBytes(), _cpu_autocast(config))
     live = peak = 0
     for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
         if action == Action.CREATE:
@@ -413,12 +281,13 @@ def measure_cpu_memory(config: TrainConfig) -> tuple[MemoryEstimate, int]:
     return dataclasses.replace(result, device="cpu"), resident + peak
 
 
-__all__ = [  # LiveBytes and the CUDA emulation live in cuda_emulation; re-exported for the estimate's users
+__all__ = [  # with what cuda_emulation and stand_ins hold, re-exported for the estimate's users
     "CUDA_BLOCK",
     "GiB",
     "KNOWN_MODELS",
     "LiveBytes",
     "MemoryEstimate",
+    "WEIGHT_DTYPES",
     "cuda_autocast_policy",
     "cuda_kernels",
     "estimate_memory",
