@@ -11,13 +11,12 @@ from pathlib import Path
 
 import torch
 
+_BODY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2)  # both: 2 blocks of width 32
 # config values by transformers config class: small enough for CPU tests
 _CONFIGS = {
     "LlamaConfig": dict(
+        _BODY,
         vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,  # grouped-query attention, as in LLaMA-2/3 and Mistral
         max_position_embeddings=128,
@@ -27,13 +26,11 @@ _CONFIGS = {
         pad_token_id=2,
     ),
     "ViTConfig": dict(
+        _BODY,
         image_size=8,
         patch_size=2,
         num_channels=1,
-        hidden_size=32,
-        num_hidden_layers=2,
         num_attention_heads=2,
-        intermediate_size=64,
         num_labels=10,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
