@@ -1,4 +1,5 @@
-"""Shared pieces of the app tests: load app/app.py, serve it on a free local port, headless Chromium."""
+"""Shared pieces of the app tests: load app/app.py, serve it on a free local port, headless Chromium, and
+the Train tab's settings of a quick run on the tiny model."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from nblora_diffusion.app_logic.train_settings import make_train_config
+from nblora_diffusion.testing import tiny_sd_path
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; a downloaded browser is never used
 CHROMIUM_ARGS = [
@@ -23,6 +27,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 ARTIFACTS = REPO / "test-artifacts" / "app"
+DOG_DIR = REPO / "assets" / "dreambooth" / "dog"
 
 
 def app_module():
@@ -33,6 +38,30 @@ def app_module():
         sys.modules["nblora_app"] = module
         spec.loader.exec_module(module)
     return sys.modules["nblora_app"]
+
+
+def tiny_train_config(tmp_path: Path, **overrides):
+    """The app's TrainConfig (``make_train_config``) of a quick tiny-SD run into ``tmp_path / "run"``."""
+    values = dict(
+        base_model=str(tiny_sd_path()),
+        instance_data_dir=DOG_DIR,
+        output_dir=tmp_path / "run",
+        token="sks",
+        class_noun="dog",
+        p="2",
+        delta=1.5,
+        rank=4,
+        max_train_steps=4,
+        learning_rate=1e-3,
+        seed=0,
+        resolution=64,
+        validation_steps=2,
+        num_validation_images=1,
+        validation_inference_steps=2,
+        report_to="none",
+    )
+    values.update(overrides)
+    return make_train_config(**values)
 
 
 def free_port() -> int:

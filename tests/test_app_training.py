@@ -17,14 +17,15 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from nblora_diffusion.app_logic import AppHandlers, generation, make_train_config
+from nblora_diffusion.app_logic import AppHandlers, generation
 from nblora_diffusion.app_logic.training_job import SlotBusy, TrainEvent, describe_step
 from nblora_diffusion.core import nblora_state_dict
 from nblora_diffusion.diffusion import load_adapter, load_pipeline
 from nblora_diffusion.testing import tiny_sd_path
 from nblora_diffusion.training import TrainConfig
 
-DOG_DIR = Path(__file__).resolve().parents[1] / "assets" / "dreambooth" / "dog"
+from app_harness import DOG_DIR, tiny_train_config
+
 DOG = sorted(str(p) for p in DOG_DIR.glob("*.jpg"))
 
 
@@ -52,29 +53,6 @@ def _ui(**overrides):
     return values
 
 
-def _config(tmp_path, **overrides):
-    kw = dict(
-        base_model=str(tiny_sd_path()),
-        instance_data_dir=DOG_DIR,
-        output_dir=tmp_path / "run",
-        token="sks",
-        class_noun="dog",
-        p="2",
-        delta=1.5,
-        rank=4,
-        max_train_steps=4,
-        learning_rate=1e-3,
-        seed=0,
-        resolution=64,
-        validation_steps=2,
-        num_validation_images=1,
-        validation_inference_steps=2,
-        report_to="none",
-    )
-    kw.update(overrides)
-    return make_train_config(**kw)
-
-
 @pytest.fixture
 def handlers(tmp_path):
     """App handlers on the tiny model; any training still running at the end is stopped and awaited."""
@@ -87,7 +65,7 @@ def handlers(tmp_path):
 
 
 def test_ui_values_become_the_trainers_options(tmp_path):
-    cfg = _config(
+    cfg = tiny_train_config(
         tmp_path,
         p="∞",
         delta=0.4,
@@ -105,8 +83,8 @@ def test_ui_values_become_the_trainers_options(tmp_path):
         and cfg.num_class_images == 12
     )
     assert (cfg.max_train_steps, cfg.resolution, cfg.seed, cfg.learning_rate) == (4, 64, 0, 1e-3)
-    assert _config(tmp_path, p="2").norm_p == "2"
-    assert _config(tmp_path, max_train_steps=400, validation_steps=None).validation_steps == 100
+    assert tiny_train_config(tmp_path, p="2").norm_p == "2"
+    assert tiny_train_config(tmp_path, max_train_steps=400, validation_steps=None).validation_steps == 100
 
 
 @pytest.mark.parametrize(
@@ -128,7 +106,7 @@ def test_ui_values_become_the_trainers_options(tmp_path):
 )
 def test_bad_train_settings_are_one_line_value_errors(tmp_path, field, value, match):
     with pytest.raises(ValueError, match=match) as e:
-        _config(tmp_path, **{field: value})
+        tiny_train_config(tmp_path, **{field: value})
     assert "\n" not in str(e.value)
 
 
@@ -139,13 +117,13 @@ def test_step_status_shows_step_loss_and_time_left():
 
 def test_one_training_at_a_time_stop_keeps_a_loadable_checkpoint(tmp_path, handlers):
     h = handlers
-    cfg = _config(tmp_path, max_train_steps=500, checkpointing_steps=1000, validation_steps=1000)
+    cfg = tiny_train_config(tmp_path, max_train_steps=500, checkpointing_steps=1000, validation_steps=1000)
     run = h.slot.start(cfg, owner="a")
     first = next(e for e in run.events() if e is not None and e.kind == "step")
     assert first.step == 1 and first.max_steps == 500 and np.isfinite(first.loss)
 
     with pytest.raises(SlotBusy, match="another training is running"):
-        h.slot.start(_config(tmp_path, output_dir=tmp_path / "other"), owner="b")
+        h.slot.start(tiny_train_config(tmp_path, output_dir=tmp_path / "other"), owner="b")
     # a second user's start waits with its place shown, and Stop cancels it before it begins
     waiting = h.start_training(*_ui().values(), request=SimpleNamespace(session_hash="b"))
     status, _, _ = next(waiting)
@@ -179,7 +157,7 @@ def cfg_out(cfg) -> Path:
 
 def test_training_error_reaches_the_caller_as_one_line(tmp_path, handlers):
     h = handlers
-    run = h.slot.start(_config(tmp_path, base_model=str(tmp_path / "no-such-model")))
+    run = h.slot.start(tiny_train_config(tmp_path, base_model=str(tmp_path / "no-such-model")))
     with pytest.raises(ValueError, match="model path not found") as e:
         run.wait(timeout=120)
     assert "\n" not in str(e.value) and h.slot.current is None

@@ -1,12 +1,12 @@
-"""Event handlers of the Gradio app (app/app.py wires them to components; no math here).
+"""Event handlers of the Gradio app (``app_logic.ui`` wires them to components; no math here).
 
-Library errors (ValueError) become ``gr.Error`` with the same one-line message, so the page shows
-the message and never a stack trace.
+Library errors (ValueError) become ``gr.Error`` with the same one-line message (``page_errors``), so the
+page shows the message and never a stack trace. A training's queue place and progress lines come from
+``train_stream``.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shutil
@@ -20,6 +20,7 @@ import gradio as gr
 from .._deprecated import deprecated_names
 from ..formats import DEFAULT_BASE_MODEL as _DEFAULT_BASE_MODEL
 from . import evaluation, generation, uploads
+from .page_errors import shown_in_page, user_error
 from .train_settings import (
     FormDefaults,
     make_train_config,
@@ -29,22 +30,10 @@ from .train_settings import (
     resumable_config,
     resumable_runs,
 )
-from .training_job import SlotBusy, TrainingSlot, describe_step, format_duration
+from .train_stream import stream_training
+from .training_job import TrainingSlot
 
-log = logging.getLogger(__name__)
 _PROGRESS = gr.Progress()  # Gradio finds the progress argument by this default and passes a fresh tracker
-
-
-def _user_error(message: str) -> gr.Error:
-    """A page error for bad input: the message alone, no server-side traceback (nothing went wrong)."""
-    return gr.Error(message.splitlines()[0] if message else "invalid input", print_exception=False)
-
-
-def _failure(what: str, e: Exception) -> gr.Error:
-    """An unexpected error (out of memory, I/O): one line in the page, the traceback in the server log."""
-    log.exception("%s failed", what)
-    detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return gr.Error(f"{what} failed: {type(e).__name__}: {detail}", print_exception=False)
 
 
 def _owner(request: gr.Request | None) -> str | None:
@@ -86,7 +75,7 @@ class AppHandlers:
             res = int(resolution) if resolution else None
             check = uploads.check_uploads(paths, res)
         except ValueError as e:
-            raise _user_error(str(e)) from None
+            raise user_error(str(e)) from None
         for w in check.warnings:
             gr.Warning(w)
         lines = [f"{len(check.images)} photos ready."] + [f"Warning: {w}" for w in check.warnings]
@@ -131,12 +120,12 @@ class AppHandlers:
     ) -> Iterator[tuple[str, list, Any]]:
         """Train with ``nblora_diffusion.training.train``; yields (status, validation gallery, adapters)."""
         if not self.base_model:
-            raise _user_error("no base model: start the app with --base_model")
+            raise user_error("no base model: start the app with --base_model")
         try:
             check = uploads.check_uploads(uploads.file_paths(files), int(resolution) if resolution else None)
             prompts_for(token, class_noun)
         except (ValueError, TypeError) as e:
-            raise _user_error(str(e)) from None
+            raise user_error(str(e)) from None
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uploads.slug(token)}-{uploads.slug(class_noun)}"
         out_dir = self.adapters_dir / name
         instance_dir = self.root / "uploads" / name
@@ -168,7 +157,7 @@ class AppHandlers:
             )
         except (ValueError, TypeError) as e:
             shutil.rmtree(instance_dir, ignore_errors=True)
-            raise _user_error(str(e)) from None
+            raise user_error(str(e)) from None
 
         yield from self._train(config, _owner(request), progress, uploaded=instance_dir)
 
@@ -177,11 +166,11 @@ class AppHandlers:
     ) -> Iterator[tuple[str, list, Any]]:
         """Continue a stopped training from its latest checkpoint; yields what ``start_training`` does."""
         if not folder:
-            raise _user_error("choose a stopped training to resume")
+            raise user_error("choose a stopped training to resume")
         try:
             config = resumable_config(folder)
         except (ValueError, OSError) as e:
-            raise _user_error(str(e)) from None
+            raise user_error(str(e)) from None
         yield from self._train(config, _owner(request), progress)
 
     def resumable_choices(self) -> Any:
@@ -192,69 +181,16 @@ class AppHandlers:
     def _train(
         self, config: Any, owner: str | None, progress: Any, uploaded: Path | None = None
     ) -> Iterator[tuple[str, list, Any]]:
-        """Wait for the training slot, run ``config`` there and stream (status, validation gallery, adapters).
-
-        ``uploaded``: the photos copied for a new run, removed if it ends before writing anything.
-        """
-        out_dir = Path(config.output_dir)
-        gallery: list[tuple[Any, str]] = []
-        adapters = gr.update()
-        run = None
-        ticket = self.slot.enqueue(owner)
-        try:
-            while run is None:
-                if ticket.cancelled:
-                    if uploaded is not None:
-                        shutil.rmtree(uploaded, ignore_errors=True)
-                    yield "Cancelled before it started.", gallery, adapters
-                    return
-                try:
-                    run = self.slot.start(config, wait_s=1.0, ticket=ticket)
-                except SlotBusy:
-                    ahead = self.slot.ahead_of(ticket)
-                    yield (
-                        f"Waiting in the training queue: {ahead} training(s) ahead of yours.",
-                        gallery,
-                        adapters,
-                    )
-                except ValueError as e:
-                    if not ticket.cancelled:
-                        raise _user_error(str(e)) from None
-        finally:
-            self.slot.leave(ticket)  # closed page or error while waiting: give the place up
-        progress(0, desc="starting")
-        verb = "resumed from the latest checkpoint" if config.resume_from_checkpoint else "started"
-        yield f"Training {verb} ({config.max_train_steps} steps) → `{out_dir}`", gallery, adapters
-        status = "starting…"
-        for event in run.events():
-            if event is None:
-                continue
-            if event.kind == "step":
-                status = describe_step(event)
-                progress((event.step, event.max_steps), desc=status)
-            elif event.kind == "validation":
-                gallery = gallery + [(img, f"step {event.step}") for img in event.images]
-            elif event.kind == "checkpoint":
-                status = f"{status} · checkpoint saved at step {event.step}"
-            elif event.kind == "error":
-                if uploaded is not None and not out_dir.exists():  # failed before writing anything
-                    shutil.rmtree(uploaded, ignore_errors=True)
-                raise _user_error(event.error or "training failed")
-            elif event.kind == "done":
-                break
-            prefix = "Stopping… " if run.stop_requested else ""
-            yield prefix + status, gallery, adapters
-        result = run.result
-        step = getattr(result, "final_step", None)
-        took = format_duration(run.last_step.elapsed_s if run.last_step else None)
-        if getattr(result, "stopped", False):
-            done = (
-                f"Stopped at step {step}; the last checkpoint is `{run.last_checkpoint}` "
-                f"and the adapter `{out_dir}`. Resume it below."
-            )
-        else:
-            done = f"Finished {step} steps in {took}; adapter saved to `{out_dir}`."
-        yield done, gallery, self.adapter_choices(select=str(out_dir))
+        """The run of ``config`` in the training slot as (status, validation gallery, adapters) lines, the
+        last one listing the new adapter; ``uploaded``: the photos copied for a new run (stream_training)."""
+        yield from stream_training(
+            self.slot,
+            config,
+            owner=owner,
+            progress=progress,
+            adapters_after=lambda folder: self.adapter_choices(select=str(folder)),
+            uploaded=uploaded,
+        )
 
     def stop_training(self, request: gr.Request | None = None) -> str:
         what = self.slot.stop(owner=_owner(request))
@@ -311,8 +247,8 @@ class AppHandlers:
     ) -> tuple[list, list, int]:
         """Gallery items (saved PNG, caption), the settings of every image, and the seed used."""
         if not folder:
-            raise _user_error("pick an adapter first")
-        try:
+            raise user_error("pick an adapter first")
+        with shown_in_page("generation"):
             seed = generation.resolve_seed(seed, bool(random_seed))
             results = generation.generate(
                 self.cache,
@@ -328,10 +264,6 @@ class AppHandlers:
                 fallback_base=self.base_model,
             )
             paths = generation.save_images(results, self.root / "generations")
-        except ValueError as e:
-            raise _user_error(str(e)) from None
-        except Exception as e:
-            raise _failure("generation", e) from None
         settings = [{**s, "file": str(p)} for (_, s), p in zip(results, paths, strict=True)]
         return [(str(p), generation.caption(s)) for p, s in zip(paths, settings, strict=True)], settings, seed
 
@@ -354,24 +286,20 @@ class AppHandlers:
             folder,
             prompt,
             negative_prompt,
-            last_seed,
-            False,
-            num_images,
-            steps,
-            guidance,
-            delta_prime,
-            side_by_side,
+            seed=last_seed,
+            random_seed=False,
+            num_images=num_images,
+            steps=steps,
+            guidance=guidance,
+            delta_prime=delta_prime,
+            side_by_side=side_by_side,
         )
 
     def downloads(self, folder: str | None) -> list[str]:
         if not folder:
-            raise _user_error("pick an adapter first")
-        try:
+            raise user_error("pick an adapter first")
+        with shown_in_page("export"):
             files = generation.prepare_downloads(self.cache, folder, self.root / "downloads", self.base_model)
-        except ValueError as e:
-            raise _user_error(str(e)) from None
-        except Exception as e:
-            raise _failure("export", e) from None
         return [str(f) for f in files]
 
     def slider_label(self, delta_prime: float, folder: str | None) -> str:
@@ -395,14 +323,10 @@ class AppHandlers:
         import pandas as pd
 
         if not folder:
-            raise _user_error("pick an adapter first")
+            raise user_error("pick an adapter first")
         settings = settings if isinstance(settings, list) else []
-        try:
+        with shown_in_page("evaluation"):
             rows = self.evaluator.score(folder, (photos or "").strip() or None, settings)
-        except ValueError as e:
-            raise _user_error(str(e)) from None
-        except Exception as e:
-            raise _failure("evaluation", e) from None
         return pd.DataFrame(rows, columns=self.evaluator.columns)
 
 
