@@ -1,4 +1,6 @@
-"""Logic behind the Gradio app (app/app.py): uploads, the training queue, generation and downloads."""
+"""The Gradio app (app/app.py starts it): the page (``ui``, a module per tab), its event handlers
+(``handlers``), and the logic they call: uploads, the training settings, queue and stream, generation and
+downloads, evaluation."""
 
 from .generation import (
     AdapterInfo,
