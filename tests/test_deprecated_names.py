@@ -25,6 +25,7 @@ OLD_TO_NEW = [  # ("module:old name", "module:new name")
     ("nblora_diffusion.training.adapters:add_adapters", "nblora_diffusion.training.methods:add_adapters"),
     ("nblora_diffusion.training.adapters:AdapterSetup", "nblora_diffusion.training.methods:AdapterSetup"),
     ("nblora_diffusion.training.adapters:layer_norms", "nblora_diffusion.training.norms:layer_norms"),
+    ("nblora_diffusion.training.config:DEFAULT_MODEL", "nblora_diffusion.formats:DEFAULT_BASE_MODEL"),
     ("eval.dataset:DreamBoothDataset", "eval.dataset:DreamBoothBenchmark"),
     ("nblora_diffusion.diffusion.targets:format_p", "nblora_diffusion.formats:format_p"),
     ("nblora_diffusion.app_logic.handlers:DEFAULT_BASE_MODEL", "nblora_diffusion.formats:DEFAULT_BASE_MODEL"),

@@ -26,7 +26,6 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 REPORT_TO = ("tensorboard", "none")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 SKELETON_NAMES = ("sd15", "sd21-base", "sd21-v", "sdxl-base")  # diffusion.single_file.SKELETONS
-DEFAULT_MODEL = DEFAULT_BASE_MODEL
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -37,7 +36,7 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 class TrainConfig:
     # -- model and data ------------------------------------------------------------------------------
     pretrained_model_name_or_path: str = _opt(
-        DEFAULT_MODEL, "hub id, local diffusers folder or single .safetensors file (SD1.x/2.x/SDXL)"
+        DEFAULT_BASE_MODEL, "hub id, local diffusers folder or single .safetensors file (SD1.x/2.x/SDXL)"
     )
     base_model_config: str | None = _opt(
         None,
@@ -370,5 +369,8 @@ def demo_overrides(model_path: str | Path, instance_dir: Path, output_dir: str |
 
 __getattr__ = deprecated_names(
     __name__,
-    {"TARGET_PRESETS": ("nblora_diffusion.diffusion.targets.PRESET_NAMES", lambda: PRESET_NAMES)},
+    {
+        "TARGET_PRESETS": ("nblora_diffusion.diffusion.targets.PRESET_NAMES", lambda: PRESET_NAMES),
+        "DEFAULT_MODEL": ("nblora_diffusion.formats.DEFAULT_BASE_MODEL", lambda: DEFAULT_BASE_MODEL),
+    },
 )
