@@ -363,6 +363,8 @@ def demo_overrides(model_path: str | Path, instance_dir: Path, output_dir: str |
         "validation_steps": 500,
         "num_validation_images": 4,
         "validation_inference_steps": 20,
+        "cache_latents": True,  # the same numbers as encoding every step, ~10% faster
+        "cache_text_embeddings": True,
         "seed": 0,
     }
 
