@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from example_utils import pyplot, require_positive, save_figure, torch_threads, write_results
 from torch import nn
 
 from nblora_diffusion.transformer_models import adapt_model, make_tiny_vit, merge_and_unload
@@ -186,11 +185,7 @@ def run(
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = results["runs"]
     names = list(dict.fromkeys(method_name(r) for r in runs))
     gammas = sorted({r["gamma"] for r in runs if r["adapter"] == "nblora"})
@@ -222,10 +217,7 @@ def plot(results: dict, path: Path) -> None:
     axes[2].set(xlabel="learning rate", ylabel="source accuracy", title="forgetting vs learning rate")
     axes[2].axhline(results["pretrained"]["source_acc"], color="gray", lw=0.8)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -242,10 +234,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    for flag, value in (("--rank", args.rank), ("--threads", args.threads)):
-        if value < 1:
-            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
-            raise SystemExit(2)
+    require_positive(rank=args.rank, threads=args.threads)
     if args.quick:
         methods = [{"adapter": "lora"}, {"adapter": "nblora", "p": 2, "gamma": 0.5}]
         lrs, pretrain_epochs, epochs = [1e-3, 1e-1], 12, 6
@@ -254,15 +243,10 @@ def main(argv: list[str] | None = None) -> dict:
             {"adapter": "nblora", "p": p, "gamma": g} for p in (1, 2, "inf") for g in (0.25, 0.5, 1.0)
         ]
         lrs, pretrain_epochs, epochs = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], 40, 10
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         results = run(methods, lrs, pretrain_epochs, epochs, args.rank, args.seed)
-    finally:
-        torch.set_num_threads(threads)
     name = "forgetting_quick" if args.quick else "forgetting"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_results(results, args.out, name)
     plot(results, args.out / f"{name}.png")
     return results
 

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from example_utils import require_positive, torch_threads, write_results
 
 from nblora_diffusion.formats import MODEL_ADAPTER_CONFIG_FILE
 from nblora_diffusion.transformer_models import (
@@ -162,10 +163,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    for flag in ("max_steps", "batch_size", "rank", "num_examples", "threads"):
-        if getattr(args, flag) < 1:
-            print(f"error: --{flag} must be >= 1, got {getattr(args, flag)}", file=sys.stderr)
-            raise SystemExit(2)
+    require_positive(
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        rank=args.rank,
+        num_examples=args.num_examples,
+        threads=args.threads,
+    )
     if args.seq_len < 2:
         print(f"error: --seq_len must be >= 2, got {args.seq_len}", file=sys.stderr)
         raise SystemExit(2)
@@ -174,17 +178,11 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            results = run(args, Path(tmp))
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(args.threads), tempfile.TemporaryDirectory() as tmp:
+        results = run(args, Path(tmp))
     print(json.dumps({k: v for k, v in results.items() if k != "losses"}, indent=1))
     name = "llama_trainer_smoke_quick" if args.quick else "llama_trainer_smoke"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_results(results, args.out, name)
     return results
 
 

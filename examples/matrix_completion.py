@@ -13,13 +13,12 @@ clamped into [-s, s]; II: W = 2BᵀSA). The penalty variant fits plain rank-20 f
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from example_utils import pyplot, require_positive, save_figure, torch_threads, write_results
 from torch import nn
 
 from nblora_diffusion.core import NBLoRALinear
@@ -164,11 +163,7 @@ def run(deltas: list[float], lambdas: list[float], steps: int, seed: int = 0) ->
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     true_norm = results["true_nuclear_norm"]
     for par, style in (("I", "s--"), ("II", "o-")):
@@ -205,10 +200,7 @@ def plot(results: dict, path: Path) -> None:
     axes[3].set_xlabel("index")
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -223,24 +215,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    for flag, value in (("--steps", args.steps), ("--threads", args.threads)):
-        if value is not None and value < 1:
-            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
-            raise SystemExit(2)
+    require_positive(steps=args.steps, threads=args.threads)
     if args.quick:
         deltas, lambdas, steps = [150.0, 390.0, 900.0], [1.0, 8.0], args.steps or 300
     else:
         deltas = [100.0, 150.0, 200.0, 250.0, 300.0, 350.0, 390.0, 450.0, 550.0, 700.0, 900.0]
         lambdas, steps = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0], args.steps or 1500
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         results = run(deltas, lambdas, steps, seed=args.seed)
-    finally:
-        torch.set_num_threads(threads)
     name = "matrix_completion_quick" if args.quick else "matrix_completion"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_results(results, args.out, name)
     plot(results, args.out / f"{name}.png")
     return results
 

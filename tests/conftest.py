@@ -24,17 +24,26 @@ def _seeded_rng():
 
 
 def load_example(name: str):
-    """Import examples/<name>.py as a module (the examples are scripts, not a package)."""
+    """Import examples/<name>.py as a module (the examples are scripts, not a package), with examples/ on the
+    path as running the script puts it (for their shared example_utils)."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_example", path)
+    folder = Path(__file__).resolve().parents[1] / "examples"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(f"{name}_example", folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve their module by name
     spec.loader.exec_module(module)
     return module
+
+
+def quick_example(name: str, tmp_path_factory, *flags: str):
+    """examples/<name>.py run with --quick (and ``flags``) into a fresh folder: (its results, the folder)."""
+    out = tmp_path_factory.mktemp(name)
+    return load_example(name).main(["--quick", *flags, "--out", str(out)]), out
 
 
 @pytest.fixture

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest import load_example
+from conftest import load_example, quick_example
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("forgetting")
-    results = load_example("forgetting").main(["--quick", "--out", str(out)])
+    results, out = quick_example("forgetting", tmp_path_factory)
     runs = {(r["adapter"], r["lr"]): r for r in results["runs"]}
     return results, runs, out
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from conftest import load_example
+from conftest import load_example, quick_example
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("llama")
     # bf16 autocast and gradient checkpointing: the Trainer features the example demonstrates
-    return load_example("llama_trainer_smoke").main(
-        ["--quick", "--bf16", "--gradient_checkpointing", "--out", str(out)]
-    )
+    results, _ = quick_example("llama_trainer_smoke", tmp_path_factory, "--bf16", "--gradient_checkpointing")
+    return results
 
 
 def test_trainer_fine_tuning_learns_the_counting_task(quick):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest import load_example
+from conftest import load_example, quick_example
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mc")
-    return load_example("matrix_completion").main(["--quick", "--out", str(out)]), out
+    return quick_example("matrix_completion", tmp_path_factory)
 
 
 def test_quick_run_writes_its_numbers_and_plot(quick):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import load_example
+from conftest import quick_example
 
 from nblora_diffusion.microworld import model_path
 
@@ -16,8 +16,7 @@ except ValueError as e:  # the weights ship once the pretraining has passed its 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("table3_mini")
-    return load_example("table3_mini").main(["--quick", "--out", str(out)]), out
+    return quick_example("table3_mini", tmp_path_factory)
 
 
 def test_quick_mode_writes_the_report_with_every_checkpoint_and_the_slider(quick):
