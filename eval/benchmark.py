@@ -114,6 +114,7 @@ class BenchmarkSpec:
             "generation": self.gen.describe(),
             "dataset": str(self.dataset.root.resolve()),
             **({"protocol": self.protocol.name} if self.protocol.name != "default" else {}),
+            **({"skip_black": True} if self.protocol.skip_black else {}),
             **({"drift_prompts": self.drift_prompts} if "drift" in self.metrics.metrics else {}),
         }
 

@@ -21,6 +21,7 @@ from nblora_diffusion.metrics import (
     Protocol,
     get_protocol,
 )
+from nblora_diffusion.metrics.extractors import LPIPS_RESIZES
 from nblora_diffusion.metrics.protocols import DRIFT_PROMPT_SETS
 
 from .dataset import PROMPT_SETS
@@ -64,6 +65,12 @@ def add_metric_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--lpips_size", type=int, default=None, help="LPIPS image size in px")
     g.add_argument(
+        "--lpips_resize",
+        default=None,
+        choices=LPIPS_RESIZES,
+        help="LPIPS inputs: crop (shorter side to the size, center crop) or squash (both sides, HRA's)",
+    )
+    g.add_argument(
         "--no_center_crop", action="store_true", help="do not center-crop images to a square first"
     )
     g.add_argument(
@@ -85,12 +92,18 @@ def add_metric_args(p: argparse.ArgumentParser) -> None:
         "--metric_device", default=None, help="device of the metric models (default: cuda if present)"
     )
     g.add_argument("--keep_token", action="store_true", help="CLIP-T with the rare token kept in the prompt")
+    g.add_argument(
+        "--skip_black",
+        action="store_true",
+        help="leave all-black generated images (a safety checker's output) out of the scores and count "
+        "them (on under --protocol nblora-paper, as in HRA)",
+    )
 
 
 def protocol_of(a: argparse.Namespace) -> Protocol:
     """The protocol with the command line's token handling and drift prompts folded in."""
     p = get_protocol(a.protocol)
-    changes = {"keep_token": p.keep_token or a.keep_token}
+    changes = {"keep_token": p.keep_token or a.keep_token, "skip_black": p.skip_black or a.skip_black}
     if a.drift_prompts in DRIFT_PROMPT_SETS:
         changes["drift_prompts"] = a.drift_prompts
     return dataclasses.replace(p, **changes)
@@ -115,6 +128,7 @@ def metric_config(a: argparse.Namespace) -> MetricConfig | MicroWorldConfig:
         lpips_net=a.lpips_net,
         lpips_model=a.lpips_model,
         lpips_size=a.lpips_size,
+        lpips_resize=a.lpips_resize,
         center_crop=p.center_crop and not a.no_center_crop,
         device=a.metric_device,
         batch_size=a.metric_batch_size,

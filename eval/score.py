@@ -29,6 +29,7 @@ from nblora_diffusion.metrics import (
     select_best_per_prompt,
     strip_token,
 )
+from nblora_diffusion.metrics.protocols import drop_black, drop_black_pairs
 
 from . import checkpoints
 from .report import NAMES, curves_plot, markdown_table, read_json, write_csv, write_json, write_text
@@ -178,6 +179,7 @@ class Scorer:
             "base_model": self.base_model,
             "real_images": [(p.name, p.stat().st_size) for p in real],
             **({"drift_texts": drift_texts} if drift_texts != list(texts) else {}),
+            **({"skip_black": True} if self.protocol.skip_black else {}),
         }
         key = _fingerprint(settings)
         rows = []
@@ -225,15 +227,18 @@ class Scorer:
             for i, group in enumerate(groups):
                 for j, image in enumerate(group):
                     image.save(folder / f"p{i:02d}_{j}.png")
-        per_prompt = self.suite.score_groups(real, groups, texts) if self._per_prompt else None
-        if per_prompt is not None:
-            stats = {m: sum(v, PairStat(0.0, 0)) for m, v in per_prompt.items()}
-        else:
-            stats = self.suite.score(real, groups, texts)
+        black = 0
+        if self.protocol.skip_black:  # HRA: all-black (safety-checker) images are left out of every score
+            groups, black = drop_black(groups)
+        per_prompt, stats = self._scores(real, groups, texts)
+        black_drift = 0
         if drift_base is not None:  # the same seeds on the drift prompts, base vs adapted
-            adapted = generate(self.pipe, drift_texts, self.gen, desc=f"drift {ref.name}")
+            base = sum(drift_base, [])
+            adapted = sum(generate(self.pipe, drift_texts, self.gen, desc=f"drift {ref.name}"), [])
+            if self.protocol.skip_black:
+                base, adapted, black_drift = drop_black_pairs(base, adapted)
             drift = getattr(self.suite, "drift", drift_score)  # DINO cosine (PEFT); pixels (micro world)
-            stats["drift"] = drift(sum(drift_base, []), sum(adapted, []))
+            stats["drift"] = drift(base, adapted) if base else PairStat(0.0, 0)
             stats = {m: stats[m] for m in self.suite.config.metrics}
         row = {
             "run": ref.run,
@@ -244,10 +249,24 @@ class Scorer:
             **({"delta_prime": ref.delta_prime} if ref.delta_prime is not None else {}),
             "metrics": {m: s.to_dict() for m, s in stats.items()},
         }
+        if self.protocol.skip_black:
+            row["black_images"] = black  # of the evaluation images; drift: pairs with a black image
+            row["black_drift_pairs"] = black_drift
         if per_prompt is not None:
             row["per_prompt"] = {m: [x.to_dict() for x in v] for m, v in per_prompt.items()}
         write_json(cache, {"fingerprint": key, "adapter_sha256": digest, "row": row})
         return row
+
+    def _scores(self, real, groups, texts) -> tuple[dict | None, dict[str, PairStat]]:
+        """(per-prompt scores or None, pooled scores); empty scores when no image is left to score."""
+        if not any(groups):  # every image was black
+            metrics = [m for m in self.suite.config.metrics if m != "drift"]
+            per_prompt = {m: [PairStat(0.0, 0)] * len(groups) for m in metrics}
+            return (per_prompt if self._per_prompt else None), {m: PairStat(0.0, 0) for m in metrics}
+        if self._per_prompt:
+            per_prompt = self.suite.score_groups(real, groups, texts)
+            return per_prompt, {m: sum(v, PairStat(0.0, 0)) for m, v in per_prompt.items()}
+        return None, self.suite.score(real, groups, texts)
 
 
 def clip_texts(prompts: list[str], token: str, keep_token: bool) -> list[str]:
@@ -264,6 +283,7 @@ def table_rows(report: dict) -> list[dict]:
                 "step": r["step"],
                 "delta_prime": r.get("delta_prime"),
                 **{m: PairStat.from_dict(s).mean for m, s in r["metrics"].items()},
+                **({"black_images": r["black_images"]} if "black_images" in r else {}),
             }
         )
     rows.append(
@@ -317,13 +337,17 @@ def write_score_report(report: dict, out: Path, plots: bool = True) -> dict[str,
     protocol = get_protocol(report.get("protocol", {}).get("name", "default"))
     rows = table_rows(report)
     sweep = any(r.get("delta_prime") is not None for r in rows)
+    black = any("black_images" in r for r in rows)  # a protocol that leaves all-black images out
     head = ["run", "name", "step", *(["delta_prime"] if sweep else []), *metrics]
+    head += ["black_images"] if black else []
     paths = {"csv": write_csv(out / "report.csv", rows, head)}
     title = f"# Scores: {report.get('subject', 'subject')}\n\n" if report.get("subject") else ""
     named = [(m, protocol.column(m, NAMES[m])) for m in metrics]
     columns = [("run", "run"), ("name", "checkpoint"), ("step", "step")]
     columns += [("delta_prime", "δ'")] if sweep else []
-    text = title + markdown_table(rows, columns + named)
+    text = title + markdown_table(rows, columns + named + ([("black_images", "black")] if black else []))
+    if black:
+        text += "\nblack: all-black (safety-checker) images left out of the scores, per checkpoint.\n"
     report["selected"] = selected_rows(report)
     if report["selected"]:
         text += f"\nSelected by protocol {protocol.name} ({protocol.selection}):\n\n"

@@ -67,6 +67,17 @@ def method_sweep(method: Method, subjects: Sequence[str], reports: dict, metrics
     return {d: aggregate({s: by_subject[s][d] for s in subjects}, metrics) for d in sorted(common)}
 
 
+def method_black(method: Method, subjects: Sequence[str], reports: dict) -> dict[str, int]:
+    """step -> all-black images left out of the scores, summed over subjects (protocols with skip_black;
+    empty otherwise)."""
+    out: dict[str, int] = {}
+    for s in subjects:
+        for r in reports[(s, method.id)]["checkpoints"]:
+            if "black_images" in r and r["step"] is not None and r.get("delta_prime") is None:
+                out[str(r["step"])] = out.get(str(r["step"]), 0) + r["black_images"]
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
 def best_per_prompt(method: Method, subjects: Sequence[str], reports: dict) -> dict | None:
     """HRA's selection over every (subject, prompt) unit -> metric -> {mean, std over units}."""
     units = []
@@ -152,6 +163,8 @@ def write_benchmark_report(
             "steps": {str(k): v for k, v in steps.items()},
             "options": {k: method.options.get(k) for k in ("adapter", "norm_p", "norm_bound")},
         }
+        if black := method_black(method, subjects, reports):
+            entry["black_images"] = black
         sweep = method_sweep(method, subjects, reports, metrics)
         if sweep:
             entry["sweep"] = {f"{d:g}": v for d, v in sweep.items()}
@@ -199,7 +212,14 @@ def write_benchmark_report(
         ("step", "step"),
         *((protocol.column(m, NAMES[m]),) * 2 for m in metrics),
     ]
-    paths["md"] = write_text(out / "table.md", header + markdown_table(rows, columns))
+    table = header + markdown_table(rows, columns)
+    black = [(x["name"], x["black_images"]) for x in results["methods"] if "black_images" in x]
+    if black:
+        table += "\nAll-black (safety-checker) images left out of the scores, per step over subjects:\n\n"
+        table += "".join(
+            f"- {name}: {', '.join(f'step {k}: {n}' for k, n in counts.items())}\n" for name, counts in black
+        )
+    paths["md"] = write_text(out / "table.md", table)
     for m in metrics:
         series = {
             x["name"]: [(int(k), v[m]["mean"]) for k, v in x["steps"].items()] for x in results["methods"]

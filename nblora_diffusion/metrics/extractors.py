@@ -19,6 +19,7 @@ from torchvision.transforms import functional as TF
 METRICS = ("dino", "clip_i", "clip_t", "lpips_div", "lpips_ref", "drift")
 DEFAULT_METRICS = METRICS[:5]  # drift needs base-model images: opt-in (or a protocol that lists it)
 PAIRINGS = ("all", "matched")  # every photo x every image | prompt k's images x photo k (PEFT's test pairs)
+LPIPS_RESIZES = ("crop", "squash")  # shorter side to the size, then a center crop | both sides (HRA's)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class MetricConfig:
     lpips_net: str = "alex"  # LPIPS trunk: alex | vgg | squeeze
     lpips_model: str | None = None  # full LPIPS state dict file; None: ImageNet trunk + lpips' linear weights
     lpips_size: int = 256  # LPIPS compares images resized (shorter side) and center-cropped to this size
+    lpips_resize: str = "crop"  # "squash": resized to lpips_size x lpips_size, aspect and center_crop ignored
     center_crop: bool = True  # square center crop before every metric: real photos need not be square
     device: str | None = None  # None: cuda when present, else cpu
     batch_size: int = 32
@@ -46,6 +48,8 @@ class MetricConfig:
             )
         if self.pairing not in PAIRINGS:
             raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got {self.pairing!r}")
+        if self.lpips_resize not in LPIPS_RESIZES:
+            raise ValueError(f"lpips_resize must be crop or squash, got {self.lpips_resize!r}")
         if self.lpips_net not in ("alex", "vgg", "squeeze"):
             raise ValueError(f"lpips_net must be alex, vgg or squeeze, got {self.lpips_net!r}")
         if self.batch_size < 1 or self.lpips_size < 32:
@@ -63,7 +67,9 @@ class MetricConfig:
             "lpips_model": self.lpips_model,
             "lpips_size": self.lpips_size,
             "center_crop": self.center_crop,
-            **({"pairing": self.pairing} if self.pairing != "all" else {}),  # earlier reports stay valid
+            # non-default values only: the fingerprints of earlier reports stay valid
+            **({"pairing": self.pairing} if self.pairing != "all" else {}),
+            **({"lpips_resize": self.lpips_resize} if self.lpips_resize != "crop" else {}),
         }
 
 
@@ -202,9 +208,12 @@ class LpipsFeatures:
         size: int = 256,
         batch_size: int = 32,
         center_crop: bool = True,
+        resize: str = "crop",
     ) -> None:
         import lpips
 
+        if resize not in LPIPS_RESIZES:
+            raise ValueError(f"LPIPS resize must be crop or squash, got {resize!r}")
         with warnings.catch_warnings():
             warnings.simplefilter(
                 "ignore", UserWarning
@@ -224,6 +233,7 @@ class LpipsFeatures:
         self.model = self.model.to(device).eval()
         self.normalize_tensor = lpips.normalize_tensor
         self.device, self.size, self.batch_size, self.center_crop = device, size, batch_size, center_crop
+        self.resize = resize
 
     def _load(self, path: Path) -> None:
         if not path.is_file():
@@ -245,10 +255,13 @@ class LpipsFeatures:
             raise ValueError(f"{path} does not fit LPIPS {self.model.pnet_type}: {_one_line(e)}") from None
 
     def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        ims = [
-            TF.center_crop(TF.resize(_square(im, self.center_crop), self.size), [self.size, self.size])
-            for im in images
-        ]
+        if self.resize == "squash":  # HRA's evaluate.py: Resize((512, 512)) of the whole image, no crop
+            ims = [TF.resize(im.convert("RGB"), [self.size, self.size]) for im in images]
+        else:
+            ims = [
+                TF.center_crop(TF.resize(_square(im, self.center_crop), self.size), [self.size, self.size])
+                for im in images
+            ]
         return (
             torch.stack([TF.to_tensor(im) for im in ims]) * 2 - 1
         )  # (B, 3, S, S) in [-1, 1], as LPIPS expects

@@ -11,6 +11,14 @@ Selection rules (how one row per method is chosen from its checkpoints):
   Σ_m v_m / (max v_m − min v_m) over the metrics' values at each step, then the mean over the
   (subject, prompt) units of every metric at its unit's step;
 - ``final``: the last step (the DreamBooth paper reports the trained model, PEFT the test set at the end).
+
+HRA's ``generation/subject/evaluate.py`` (read at DaShenZi721/HRA) also fixes how images enter the metrics:
+LPIPS-vgg on both images resized to 512 x 512 (``Resize((512, 512))``: the aspect is squashed, nothing is
+cropped), the DINO and CLIP processors on the uncropped images, and every pair (CLIP-T: every image) with an
+all-black image left out (``getextrema()`` all zero: the safety checker's output). The ``nblora-paper``
+preset carries these as ``lpips_resize="squash"``, ``center_crop=False`` and ``skip_black=True``; the
+left-out images are counted in every report. Where all of a prompt's images are black its scores are
+empty (NaN) here; HRA writes 0 for CLIP and NaN for DINO.
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .extractors import DEFAULT_METRICS, PAIRINGS, MetricConfig
+from PIL import Image
+
+from .extractors import DEFAULT_METRICS, LPIPS_RESIZES, PAIRINGS, MetricConfig
 
 SELECTIONS = ("best_dino", "best_per_prompt", "final")
 
@@ -49,12 +59,14 @@ class Protocol:
     clip_pretrained: str | None = "openai"
     lpips_net: str = "alex"
     lpips_size: int = 256
+    lpips_resize: str = "crop"  # extractors.LPIPS_RESIZES: "squash" is HRA's Resize((512, 512))
     center_crop: bool = True
     metrics: tuple[str, ...] = DEFAULT_METRICS
     pairing: str = "all"  # see extractors.PAIRINGS
     keep_token: bool = False  # CLIP-T text: the prompt with the rare token kept, or removed
     selection: str = "best_dino"  # SELECTIONS
     drift_prompts: str = "eval"  # DRIFT_PROMPT_SETS (a file on the command line)
+    skip_black: bool = False  # leave all-black generated images (safety-checker output) out, and count them
     columns: Mapping[str, str] = field(default_factory=dict)  # metric -> the source's column name
 
     def __post_init__(self) -> None:
@@ -62,6 +74,8 @@ class Protocol:
             raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         if self.pairing not in PAIRINGS:
             raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got {self.pairing!r}")
+        if self.lpips_resize not in LPIPS_RESIZES:
+            raise ValueError(f"lpips_resize must be one of {LPIPS_RESIZES}, got {self.lpips_resize!r}")
         if self.drift_prompts not in DRIFT_PROMPT_SETS:
             raise ValueError(f"drift_prompts must be one of {DRIFT_PROMPT_SETS}, got {self.drift_prompts!r}")
         MetricConfig(metrics=self.metrics)  # validates the metric names
@@ -74,6 +88,7 @@ class Protocol:
             "clip_pretrained": self.clip_pretrained,
             "lpips_net": self.lpips_net,
             "lpips_size": self.lpips_size,
+            "lpips_resize": self.lpips_resize,
             "center_crop": self.center_crop,
             "metrics": self.metrics,
             "pairing": self.pairing,
@@ -85,7 +100,12 @@ class Protocol:
         return self.columns.get(metric, default)
 
     def describe(self) -> dict:
-        return {"name": self.name, "selection": self.selection, "keep_token": self.keep_token}
+        return {
+            "name": self.name,
+            "selection": self.selection,
+            "keep_token": self.keep_token,
+            **({"skip_black": True} if self.skip_black else {}),
+        }
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -102,7 +122,10 @@ PROTOCOLS: dict[str, Protocol] = {
             source="HRA (arXiv 2405.17484) evaluate.py/get_result.py, reused by NB-LoRA's Table 3",
             clip_model="ViT-L-14",
             lpips_net="vgg",
-            lpips_size=512,  # HRA resizes both images to 512 x 512 for LPIPS
+            lpips_size=512,  # HRA: Resize((512, 512)) of both images for LPIPS ...
+            lpips_resize="squash",  # ... which squashes a non-square photo instead of cropping it
+            center_crop=False,  # HRA hands the whole images to the DINO and CLIP processors
+            skip_black=True,  # HRA skips a pair when either image's getextrema() is all zero
             metrics=("dino", "clip_i", "clip_t", "lpips_ref", "drift"),
             keep_token=True,  # HRA's CLIP-T prompt is "a qwe {class} ..." with the token
             selection="best_per_prompt",
@@ -133,6 +156,30 @@ def get_protocol(name: str) -> Protocol:
     if name not in PROTOCOLS:
         raise ValueError(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
     return PROTOCOLS[name]
+
+
+def is_black(image: Image.Image) -> bool:
+    """Every band of every pixel 0: the image a safety checker returns in place of a flagged one (HRA's
+    ``all(min == max == 0 for min, max in image.getextrema())``)."""
+    extrema = image.getextrema()
+    bands = extrema if isinstance(extrema[0], tuple) else (extrema,)  # one (min, max) for a 1-band image
+    return all(hi == 0 for _, hi in bands)
+
+
+def drop_black(groups: Sequence[Sequence[Image.Image]]) -> tuple[list[list[Image.Image]], int]:
+    """Each prompt's images without the all-black ones, and how many were left out (prompts stay, maybe
+    empty, so the groups still line up with their texts)."""
+    kept = [[im for im in g if not is_black(im)] for g in groups]
+    return kept, sum(map(len, groups)) - sum(map(len, kept))
+
+
+def drop_black_pairs(
+    a: Sequence[Image.Image], b: Sequence[Image.Image]
+) -> tuple[list[Image.Image], list[Image.Image], int]:
+    """The pairs (a_i, b_i) with neither image all black (drift: base vs adapted images), and how many
+    were left out."""
+    pairs = [(x, y) for x, y in zip(a, b, strict=True) if not (is_black(x) or is_black(y))]
+    return [x for x, _ in pairs], [y for _, y in pairs], len(a) - len(pairs)
 
 
 def drift_prompts(spec: str, class_noun: str, eval_texts: Sequence[str]) -> list[str]:

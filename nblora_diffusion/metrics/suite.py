@@ -57,7 +57,9 @@ class MetricSuite:
         if self.wants("clip_i", "clip_t") and self._clip is None:
             self._clip = ClipFeatures(c.clip_model, c.clip_pretrained, self.device, **kw)
         if self.wants("lpips_div", "lpips_ref") and self._lpips is None:
-            self._lpips = LpipsFeatures(c.lpips_net, c.lpips_model, self.device, size=c.lpips_size, **kw)
+            self._lpips = LpipsFeatures(
+                c.lpips_net, c.lpips_model, self.device, size=c.lpips_size, resize=c.lpips_resize, **kw
+            )
         return self
 
     def real_features(self, paths: Sequence[str | os.PathLike]) -> dict[str, object]:
