@@ -111,6 +111,7 @@ def test_rescoring_reuses_scored_checkpoints_and_redoes_changed_settings(scored,
 
 
 def _error(capsys, argv):
+    capsys.readouterr()  # drop what came before (the module fixture's training writes progress bars)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
