@@ -283,6 +283,26 @@ def test_forward_equals_merged_unmerged_and_unloaded_for_a_model():
         assert torch.allclose(y, expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_merge_slider_and_unmerge_give_the_base_weights_back_exactly(dtype):
+    """W + ΔW − ΔW does not round back to W in fp16/bf16: the layer keeps a copy of W while merged (the
+    LLM/ViT path, core merge/unmerge, and the diffusion pipeline's share it)."""
+    model = injected(CONFIGS[0], dtype=dtype)
+    base = {name: layer.base_layer.weight.clone() for name, layer in nblora_layers(model)}
+    merge_nblora(model)
+    assert any(not torch.equal(layer.base_layer.weight, base[n]) for n, layer in nblora_layers(model))
+    set_nblora_scale(model, 0.5)  # merged layers unmerge and re-merge themselves
+    set_nblora_scale(model, 2.0)
+    unmerge_nblora(model)
+    for name, layer in nblora_layers(model):
+        assert torch.equal(layer.base_layer.weight, base[name]), name
+        assert layer._base_copy is None  # nothing kept once unmerged
+    layer = next(layer for _, layer in nblora_layers(model))
+    layer.merge(keep_base=False)  # asked not to keep a copy: unmerge subtracts
+    assert layer._base_copy is None
+    layer.unmerge()
+
+
 def test_unload_without_merge_gives_back_the_base_model():
     torch.manual_seed(0)
     base = TinyNet()

@@ -224,7 +224,7 @@ def unload_nblora(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put plain nn.Linear layers back (with the update merged in if ``merge``) and the model's forward."""
     for name, layer in list(nblora_layers(model)):
         if merge and not layer.merged:
-            layer.merge()
+            layer.merge(keep_base=False)  # the layer goes: no copy to give back
         elif not merge and layer.merged:
             layer.unmerge()
         _set_submodule(model, name, layer.base_layer)

@@ -76,6 +76,7 @@ class NBLoRALinear(nn.Module):
             self.nblora_d = nn.Parameter(torch.zeros(rank, **kw))  # d̃ (r,): d = 0 -> W = 0
         self.nblora_s = nn.Parameter(torch.zeros(rank, **kw))  # s̃ (r,): uniform split of δ
         self.merged = False
+        self._base_copy: torch.Tensor | None = None  # CPU copy of the unmerged base weight (merge keep_base)
         self._scale = 1.0  # the slider, read by eager code; the buffer is its copy for compiled graphs
         # (a tensor whose value changes never makes torch.compile recompile; a Python float would)
         self.register_buffer("nblora_scale", torch.tensor(1.0, **kw), persistent=False)
@@ -185,10 +186,11 @@ class NBLoRALinear(nn.Module):
         value = float(value)
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"scale must be a finite number >= 0, got {value}")
-        if self.merged:
+        if self.merged:  # one state machine: re-merged as it was merged (with or without the base copy)
+            keep = self._base_copy is not None
             self.unmerge()
             self._set_scale(value)
-            self.merge()
+            self.merge(keep_base=keep)
         else:
             self._set_scale(value)
 
@@ -209,11 +211,16 @@ class NBLoRALinear(nn.Module):
         P_in, P_out, g = self.factors()
         return (P_out * (g * self._scale)) @ P_in.mT  # (m, r) @ (r, n) -> (m, n)
 
-    def merge(self) -> None:
+    def merge(self, keep_base: bool | None = None) -> None:
+        """Add the update into the base weight. ``keep_base`` keeps a CPU copy of the base weight, so that
+        ``unmerge`` (and slider moves while merged) give it back exactly; by default only for fp16/bf16
+        weights (in fp32 the subtraction's error is ~1e-7 relative)."""
         if self.merged:
             raise ValueError("adapter is already merged")
+        w = self.base_layer.weight
+        keep = keep_base if keep_base is not None else w.dtype != torch.float32
         with torch.no_grad():
-            w = self.base_layer.weight
+            self._base_copy = w.detach().to("cpu", copy=True) if keep else None
             w.add_(self.delta_weight().to(w.dtype))
         self.merged = True
 
@@ -222,7 +229,11 @@ class NBLoRALinear(nn.Module):
             raise ValueError("adapter is not merged")
         with torch.no_grad():
             w = self.base_layer.weight
-            w.sub_(self.delta_weight().to(w.dtype))
+            if self._base_copy is not None:  # exact, whatever the rounding of the addition
+                w.copy_(self._base_copy)
+                self._base_copy = None
+            else:
+                w.sub_(self.delta_weight().to(w.dtype))
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

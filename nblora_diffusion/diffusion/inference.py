@@ -1,21 +1,18 @@
 """Inference controls: the norm-bound slider, merge / unmerge, removing adapters.
 
-Adapters materialise their Cayley factors once (the core caches them under no-grad, keyed on the
-parameter versions), so unmerged inference costs two thin matmuls per adapted layer; merging adds
-the update into the base weight for zero overhead. In fp16/bf16 ``W + ΔW - ΔW`` does not round back
-to ``W``, so merging low-precision weights keeps a CPU copy of the base weights by default: unmerge
-and slider moves while merged then restore them exactly instead of subtracting.
+Adapters materialise their Cayley factors once (the core's factor cache, in eval mode), so unmerged
+inference costs two thin matmuls per adapted layer; merging adds the update into the base weight for
+zero overhead. In fp16/bf16 ``W + ΔW - ΔW`` does not round back to ``W``, so merging low-precision
+weights keeps a CPU copy of the base weight by default, on the layer (``NBLoRALinear.merge(keep_base)``,
+the same for the LLM/ViT path): unmerge and slider moves while merged then restore it exactly.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from ..core import NBLoRALinear, nblora_layers, unload_nblora
+from ..core import nblora_layers, unload_nblora
 from .adapter import adapted_components
-
-_BACKUP_ATTR = "_nblora_base_backup"  # on each component: layer name -> CPU copy of its unmerged weight
 
 
 def _require(pipe) -> dict[str, nn.Module]:
@@ -23,24 +20,6 @@ def _require(pipe) -> dict[str, nn.Module]:
     if not parts:
         raise ValueError("the pipeline has no NB-LoRA adapters (add_nblora or load_adapter first)")
     return parts
-
-
-def _backup(model: nn.Module) -> dict[str, torch.Tensor]:
-    return model.__dict__.setdefault(_BACKUP_ATTR, {})
-
-
-def _unmerge_layer(model: nn.Module, name: str, layer: NBLoRALinear) -> None:
-    layer.unmerge()
-    saved = _backup(model).pop(name, None)
-    if saved is not None:  # exact base weight back, whatever the rounding of the subtraction
-        with torch.no_grad():
-            layer.base_layer.weight.copy_(saved)
-
-
-def _merge_layer(model: nn.Module, name: str, layer: NBLoRALinear, keep_base: bool) -> None:
-    if keep_base:
-        _backup(model)[name] = layer.base_layer.weight.detach().to("cpu", copy=True)
-    layer.merge()
 
 
 def _reference_delta(parts: dict[str, nn.Module]) -> float:
@@ -76,13 +55,8 @@ def set_norm_bound(pipe, delta_prime: float | None = None, scale: float | None =
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf"):
         raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
     for model in parts.values():
-        for name, layer in nblora_layers(model):
-            if layer.merged and name in _backup(model):
-                _unmerge_layer(model, name, layer)
-                layer.scale = scale
-                _merge_layer(model, name, layer, keep_base=True)
-            else:
-                layer.scale = scale  # the core unmerges / re-merges merged layers itself
+        for _, layer in nblora_layers(model):
+            layer.scale = scale  # a merged layer unmerges and re-merges itself (exactly, from its base copy)
     return float(scale)
 
 
@@ -102,18 +76,17 @@ def merge_adapter(pipe, keep_base: bool | None = None) -> None:
     exact; by default only for fp16/bf16 weights (in fp32 the subtraction error is ~1e-7 relative).
     """
     for model in _require(pipe).values():
-        for name, layer in nblora_layers(model):
+        for _, layer in nblora_layers(model):
             if not layer.merged:
-                keep = keep_base if keep_base is not None else layer.base_layer.weight.dtype != torch.float32
-                _merge_layer(model, name, layer, keep_base=keep)
+                layer.merge(keep_base=keep_base)
 
 
 def unmerge_adapter(pipe) -> None:
     """Take the merged updates out again (exactly, where merge kept the base weights)."""
     for model in _require(pipe).values():
-        for name, layer in nblora_layers(model):
+        for _, layer in nblora_layers(model):
             if layer.merged:
-                _unmerge_layer(model, name, layer)
+                layer.unmerge()
 
 
 def remove_adapter(pipe, merge: bool = False) -> None:
@@ -122,4 +95,3 @@ def remove_adapter(pipe, merge: bool = False) -> None:
         unmerge_adapter(pipe)
     for model in _require(pipe).values():
         unload_nblora(model, merge=merge)
-        model.__dict__.pop(_BACKUP_ATTR, None)
