@@ -31,7 +31,7 @@ RECONTEXT = [f"a photo of sks circle on a {c} background" for c in ("green", "pu
     "a photo of sks circle on the left"
 ]
 N = 16  # images per prompt
-ACC = 0.3  # share of images the judge must read as the subject (the base: 0 of 16)
+ACC = 0.3  # share of images the judge must read as the subject (the base: 1 of 16; the run: 13 of 16)
 
 
 def config(out: Path, **changes) -> TrainConfig:
@@ -48,8 +48,8 @@ def config(out: Path, **changes) -> TrainConfig:
         output_dir=str(out),
         resolution=32,
         prior_loss_weight=0.3,
-        train_batch_size=4,
-        max_train_steps=500,
+        train_batch_size=5,  # every photo in every step (batch 4 alternated steps of 4 and 1 photos)
+        max_train_steps=300,  # 49-54 s of training on one core
         learning_rate=5e-3,
         norm_p="inf",
         norm_bound=4.0,
@@ -148,7 +148,7 @@ def test_prior_preservation_keeps_class_images_closer_to_the_base(nblora_run, ro
     drift_without = drift_score(reference, generate(adapted(nblora_run), CLASS)).mean
     assert drift_with < drift_without, (drift_with, drift_without)
     # ... while the subject is still drawn (a trainer that learns nothing keeps the class images too);
-    # measured: 62% of the images read as the subject
+    # measured: 75% of the images read as the subject (class drift 0.326 with the prior, 0.353 without)
     acc, _ = subject_scores(suite, generate(prior_pipe, INSTANCE))
     assert acc >= ACC, acc
 
@@ -167,7 +167,7 @@ def test_small_bound_keeps_prompt_fidelity_better_than_lora_at_a_high_learning_r
     nb, lo = prompt_fidelity(small), prompt_fidelity(lora)
     assert nb > lo, (nb, lo)
     # ... and the small bound has learned the subject's look meanwhile (a trainer that learns nothing keeps
-    # the prompt too): measured fidelity 0.48 against the base's 0.10 (0.29 after training on rolled targets)
+    # the prompt too): measured fidelity 0.49 against the base's 0.10
     base_fid = subject_scores(suite, generate(base, INSTANCE))[1]
     fid = subject_scores(suite, generate(adapted(small), INSTANCE))[1]
     assert fid >= base_fid + 0.28, (base_fid, fid)

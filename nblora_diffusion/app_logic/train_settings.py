@@ -210,7 +210,8 @@ class FormDefaults:
     guidance: float = 7.5
 
 
-# the shipped micro SD (app --tiny): what tests/test_microworld_learning.py trains with
+# the shipped micro SD (app --tiny): the rank, δ and rate of tests/test_microworld_learning.py, with more
+# steps at the page's batch of one photo (the tests put all five in every step)
 MICRO_DEFAULTS = FormDefaults(
     class_noun="circle", p="∞", rank=8, delta=4.0, steps=500, learning_rate=5e-3, class_images=20,
     denoise_steps=20, guidance=5.0,

@@ -353,14 +353,14 @@ def demo_overrides(model_path: str | Path, instance_dir: Path, output_dir: str |
         "sample_batch_size": 20,
         "validation_prompt": "a photo of sks circle on a green background",
         "resolution": 32,
-        "train_batch_size": 4,
-        "max_train_steps": 500,
+        "train_batch_size": 5,  # the five photos in every step
+        "max_train_steps": 300,
         "learning_rate": 5e-3,
         "norm_p": "inf",
         "norm_bound": 4.0,
         "rank": 8,
         "checkpointing_steps": 100,
-        "validation_steps": 500,
+        "validation_steps": 300,
         "num_validation_images": 4,
         "validation_inference_steps": 20,
         "cache_latents": True,  # the same numbers as encoding every step, ~10% faster
