@@ -4,7 +4,6 @@ gradient accumulation, non-reentrant gradient checkpointing, DDP, loads and hand
 from __future__ import annotations
 
 import copy
-import importlib
 import pickle
 
 import pytest
@@ -19,7 +18,6 @@ from nblora_diffusion.core import nblora_layers
 
 from layer_helpers import fresh_delta_weight, make_layer, randomize
 
-inject_module = importlib.import_module("nblora_diffusion.core.inject")
 ATOL = 1e-12  # float64 throughout: batched and per-layer factors agree to rounding
 
 
@@ -171,7 +169,7 @@ def test_gradient_accumulation_with_evaluations_between_micro_batches_matches_th
     model = net()
     plain = copy.deepcopy(model)
     del plain.forward  # the class's forward: every layer computes its own factors
-    object.__delattr__(plain, inject_module._HOOK_ATTR)
+    del plain.nblora_materializer
     opts = [torch.optim.AdamW(adapter_parameters(m), lr=0.1, fused=True) for m in (model, plain)]
     for step in range(2):
         for micro in range(2):

@@ -69,7 +69,7 @@ def per_layer_copy(model: nn.Module) -> nn.Module:
     """The same adapters wrapped one by one, without the model-level batched pass."""
     plain = copy.deepcopy(model)
     del plain.forward  # the class's own forward again
-    object.__delattr__(plain, inject_module._HOOK_ATTR)
+    del plain.nblora_materializer
     return plain
 
 
@@ -132,6 +132,29 @@ def test_injecting_twice_into_the_same_module_is_an_error():
         model, NBLoRAConfig(rank=1, p=1, delta=0.5, target_modules=("to_v",))
     )  # other modules: fine
     assert len(list(nblora_layers(model))) == 6
+
+
+def test_each_layer_keeps_its_config_and_the_model_only_the_materializer():
+    """The per-layer config lives on the layer; injection adds ``forward`` and ``nblora_materializer`` to the
+    model and nothing else, and injected_configs reads the layers: each config once, in injection order."""
+    model = TinyNet()
+    before = dict(model.__dict__)
+    late, early = (  # injected in the opposite of module order: to_v comes after to_q in every block
+        NBLoRAConfig(rank=2, p=2, gamma=0.1, target_modules=("to_v",)),
+        NBLoRAConfig(rank=1, p=1, delta=0.5, target_modules=("to_q", "context_proj")),
+    )
+    inject_nblora(model, late)
+    inject_nblora(model, early)
+    assert set(model.__dict__) - set(before) == {"forward", inject_module.MATERIALIZER_ATTR}
+    assert model.nblora_materializer is model.forward
+    for name, layer in nblora_layers(model):
+        assert layer.config is (late if name.endswith("to_v") else early)
+    deltas = {layer.delta for name, layer in nblora_layers(model) if name.endswith("to_v")}
+    assert len(deltas) == 3  # the resolved per-layer bound stays the layer's own nblora_delta
+    assert inject_module.injected_configs(model) == [late.to_dict(), early.to_dict()]
+    assert [layer.config for layer in model.nblora_materializer.layers[:3]] == [late] * 3
+    unload_nblora(model)
+    assert model.__dict__.keys() == before.keys() and inject_module.injected_configs(model) == []
 
 
 @pytest.mark.parametrize(
@@ -278,7 +301,7 @@ def test_forward_equals_merged_unmerged_and_unloaded_for_a_model():
         unload_nblora(model)
         unloaded = model(x, context)
     assert not any(isinstance(m, NBLoRALinear) for m in model.modules())
-    assert "forward" not in model.__dict__ and not hasattr(model, inject_module._HOOK_ATTR)
+    assert "forward" not in model.__dict__ and not hasattr(model, inject_module.MATERIALIZER_ATTR)
     for y in (merged, unmerged, unloaded):
         assert torch.allclose(y, expected, rtol=0, atol=1e-12)
 

@@ -1,7 +1,12 @@
 """The one injection mechanism: wrap matching nn.Linear modules of any model in NBLoRALinear.
 
 Injection also wraps the model's forward so that every adapter's factors are materialised first, in
-batched Cayley calls, one per (q, r) shape group, instead of one small call per layer.
+batched Cayley calls, one per (q, r) shape group, instead of one small call per layer. Besides ``forward``
+it adds one attribute to the model, ``model.nblora_materializer`` (``MATERIALIZER_ATTR``; like diffusers'
+``peft_config``): the materializer, which holds the model's layers in injection order and their factor
+cache. Each layer keeps the NBLoRAConfig it was injected with (``layer.config``; its resolved bound is the
+layer's own ``nblora_delta``), so ``injected_configs`` reads the configs from the layers. ``unload_nblora``
+removes all of it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from .cayley import cayley_transposed
 from .config import NBLoRAConfig
 from .layer import Factors, NBLoRALinear, gain
 
-_HOOK_ATTR = "_nblora_materializer"
+MATERIALIZER_ATTR = "nblora_materializer"  # the one attribute injection adds
 
 
 def matches(name: str, targets: Iterable[str]) -> bool:
@@ -117,9 +122,8 @@ class _Materializer:
         self.model = model
         self.inner = model.__dict__.get("forward")  # a forward installed on the instance before us, if any
         functools.update_wrapper(self, model.forward)  # the signature that callers inspect (Trainer)
-        self.layers: list[NBLoRALinear] = []
+        self.layers: list[NBLoRALinear] = []  # in injection order
         self.cache = FactorCache(0)
-        self.configs: list[dict] = []
 
     def bind(self, layers: list[NBLoRALinear]) -> None:
         self.layers, self.cache = layers, FactorCache(len(layers))
@@ -147,7 +151,7 @@ class _Materializer:
 
 
 def _forward_with_factors(model: nn.Module, *args, **kwargs):
-    hook = model.__dict__.get(_HOOK_ATTR)
+    hook = model.__dict__.get(MATERIALIZER_ATTR)
     if hook is None:  # unloaded while another wrapper still calls us
         return type(model).forward(model, *args, **kwargs)
     return hook(*args, **kwargs)
@@ -194,6 +198,7 @@ def inject_nblora(model: nn.Module, config: NBLoRAConfig) -> list[str]:
                         config.parameterization,
                         config.dropout,
                         config.init_std,
+                        config=config,
                     )
                 )
             except ValueError as e:
@@ -205,19 +210,29 @@ def inject_nblora(model: nn.Module, config: NBLoRAConfig) -> list[str]:
     for (name, _), layer in zip(found, layers, strict=True):
         _set_submodule(model, name, layer)
         replaced.append(name)
-    hook = getattr(model, _HOOK_ATTR, None)
+    hook = getattr(model, MATERIALIZER_ATTR, None)
     if hook is None:
         hook = _Materializer(model)
         model.forward = hook
-        object.__setattr__(model, _HOOK_ATTR, hook)
-    hook.bind([layer for _, layer in nblora_layers(model)])
-    hook.configs.append(config.to_dict())
+        setattr(model, MATERIALIZER_ATTR, hook)
+    present = [layer for _, layer in nblora_layers(model)]
+    alive = {id(layer) for layer in present}
+    earlier = [layer for layer in hook.layers if id(layer) in alive]  # injection order, then the new ones
+    known = {id(layer) for layer in earlier}
+    hook.bind(earlier + [layer for layer in present if id(layer) not in known])
     return replaced
 
 
 def injected_configs(model: nn.Module) -> list[dict]:
-    hook = getattr(model, _HOOK_ATTR, None)
-    return list(hook.configs) if hook is not None else []
+    """The NBLoRAConfig dicts the model's layers were injected with, each once, in injection order."""
+    hook = getattr(model, MATERIALIZER_ATTR, None)
+    layers = hook.layers if hook is not None else [layer for _, layer in nblora_layers(model)]
+    configs: list[dict] = []
+    for layer in layers:
+        d = layer.config.to_dict() if layer.config is not None else None
+        if d is not None and d not in configs:
+            configs.append(d)
+    return configs
 
 
 def unload_nblora(model: nn.Module, merge: bool = True) -> nn.Module:
@@ -228,7 +243,7 @@ def unload_nblora(model: nn.Module, merge: bool = True) -> nn.Module:
         elif not merge and layer.merged:
             layer.unmerge()
         _set_submodule(model, name, layer.base_layer)
-    hook = getattr(model, _HOOK_ATTR, None)
+    hook = getattr(model, MATERIALIZER_ATTR, None)
     if hook is not None:
         if model.__dict__.get("forward") is hook:
             del model.forward
@@ -236,7 +251,7 @@ def unload_nblora(model: nn.Module, merge: bool = True) -> nn.Module:
                 model.forward = hook.inner
         else:  # a wrapper installed over ours (accelerate's autocast) keeps calling it: a pass-through now
             hook.bind([])
-        object.__delattr__(model, _HOOK_ATTR)
+        delattr(model, MATERIALIZER_ATTR)
     return model
 
 

@@ -18,7 +18,7 @@ from ..formats import p_label
 from .bounds import bound_vector, check_delta, fit_bound, parse_p, project_to_ball, s_tilde_for, schatten_norm
 from .cache import FactorCache, Frozen, watch_optimizer_steps
 from .cayley import cayley_sign_flip, cayley_transposed, inverse_cayley
-from .config import check_dropout, check_parameterization, check_rank
+from .config import NBLoRAConfig, check_dropout, check_parameterization, check_rank
 
 Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # P_in (n, r), P_out (m, r), g (r,)
 
@@ -49,6 +49,8 @@ class NBLoRALinear(nn.Module):
         parameterization: str = "II",
         dropout: float = 0.0,
         init_std: float | None = None,
+        *,
+        config: NBLoRAConfig | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -59,6 +61,7 @@ class NBLoRALinear(nn.Module):
         check_dropout(dropout)
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
+        self.config = config  # the NBLoRAConfig inject_nblora built this layer from (None: built by hand)
         self.in_features, self.out_features = n, m
         self.rank, self.p, self.parameterization = rank, parse_p(p), parameterization
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
