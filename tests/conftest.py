@@ -23,6 +23,20 @@ def _seeded_rng():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate fixes --mixed_precision once per process (train() refuses another one, as a user's process
+    would): each test starts without that state, as accelerate's own test case resets it between tests."""
+    import sys
+
+    yield
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, is_initialized
+
+        if is_initialized():
+            AcceleratorState._reset_state(True)
+
+
 def load_example(name: str):
     """Import examples/<name>.py as a module (the examples are scripts, not a package), with examples/ on the
     path as running the script puts it (for their shared example_utils)."""

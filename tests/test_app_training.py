@@ -1,8 +1,10 @@
 """Train-tab logic on the tiny offline model: UI values -> TrainConfig, the one-at-a-time queue, Stop,
-progress streaming, and the downloads of a trained adapter."""
+progress streaming, each training in a process of its own (its errors and its death), and the downloads of
+a trained adapter."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -16,13 +18,26 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from train_helpers import exit_without_a_word, fail_after_a_step, get_killed, tiny_config
 
 from nblora_diffusion.app_logic import AppHandlers, generation
-from nblora_diffusion.app_logic.training_job import SlotBusy, TrainEvent, describe_step
+from nblora_diffusion.app_logic.training_job import (
+    SlotBusy,
+    TrainEvent,
+    TrainingSlot,
+    describe_step,
+    failure_message,
+)
 from nblora_diffusion.core import nblora_state_dict
 from nblora_diffusion.diffusion import load_adapter, load_pipeline
 from nblora_diffusion.testing import tiny_sd_path
-from nblora_diffusion.training import TrainConfig
+from nblora_diffusion.training import (
+    TrainConfig,
+    TrainingError,
+    TrainingProcessError,
+    child_process,
+    train_in_child_process,
+)
 
 from app_harness import DOG_DIR, tiny_train_config
 
@@ -161,6 +176,74 @@ def test_training_error_reaches_the_caller_as_one_line(tmp_path, handlers):
     with pytest.raises(ValueError, match="model path not found") as e:
         run.wait(timeout=120)
     assert "\n" not in str(e.value) and h.slot.current is None
+
+
+def test_each_training_runs_in_its_own_process_with_its_own_precision_and_stops(tmp_path, handlers):
+    """The app's default slot: bf16 then fp32 (accelerate fixes the precision once per process), steps
+    streamed back, Stop relayed; the app's own process never sets up accelerate."""
+    from accelerate.state import is_initialized
+
+    slot = handlers.slot
+    first = slot.start(tiny_config(tmp_path / "bf16", mixed_precision="bf16", max_train_steps=1))
+    events = [e for e in first.events() if e is not None]
+    assert [(e.kind, e.step, e.max_steps) for e in events if e.kind == "step"] == [("step", 1, 1)]
+    assert np.isfinite(events[0].loss) and events[-1].kind == "done"
+    assert first.wait(timeout=60).final_step == 1
+    assert load_adapter(load_pipeline(str(tiny_sd_path())), tmp_path / "bf16")["p"] == first.config.norm_p
+
+    cfg = tiny_config(tmp_path / "fp32", mixed_precision="no", max_train_steps=500, checkpointing_steps=1000)
+    second = slot.start(cfg)
+    step = next(e for e in second.events() if e is not None and e.kind == "step")
+    assert step.max_steps == 500
+    second.stop()
+    result = second.wait(timeout=300)
+    assert result.stopped and 1 <= result.final_step < 500 and slot.current is None
+    pipe = load_pipeline(str(tiny_sd_path()))
+    load_adapter(pipe, result.last_checkpoint)
+    assert nblora_state_dict(pipe.unet)
+    assert not is_initialized()
+
+
+@pytest.mark.parametrize(
+    "trainer, message",
+    [
+        (fail_after_a_step, "training failed: RuntimeError: boom"),
+        (exit_without_a_word, "training failed: the training process exited with code 3 before it reported"),
+        (get_killed, "training failed: the training process was killed by SIGKILL before it reported"),
+    ],
+    ids=["raises", "exits", "killed"],
+)
+def test_a_training_process_that_fails_or_dies_ends_the_run_with_one_line(tmp_path, trainer, message):
+    slot = TrainingSlot(functools.partial(train_in_child_process, train_fn=trainer))
+    run = slot.start(tiny_config(tmp_path / "out"))
+    events = [e for e in run.events() if e is not None]
+    assert [e.kind for e in events] == (["step", "error"] if trainer is fail_after_a_step else ["error"])
+    assert events[-1].error.startswith(message) and "\n" not in events[-1].error
+    with pytest.raises(ValueError, match=message):
+        run.wait(timeout=60)
+    assert slot.current is None
+
+
+class _Unpicklable(Exception):
+    def __init__(self, a, b):  # pickle rebuilds an exception from its args: (message,) is one too few
+        super().__init__(f"{a} {b}\nmore")
+
+
+def test_a_child_error_comes_back_as_itself_or_as_a_one_line_stand_in():
+    def sent(e: BaseException) -> BaseException:  # what the parent raises for ``e`` raised in the child
+        try:
+            raise e
+        except BaseException as caught:
+            return child_process._rebuilt(*child_process._portable(caught))
+
+    again = sent(TrainingError("loss is nan\nat step 3"))
+    assert type(again) is TrainingError and str(again) == "loss is nan\nat step 3"
+    assert "TrainingError: loss is nan" in str(again.__cause__)  # the child's traceback, as the cause
+    stand_in, exited = sent(_Unpicklable("a", "b")), sent(SystemExit(2))
+    assert isinstance(stand_in, TrainingProcessError) and isinstance(exited, TrainingProcessError)
+    assert failure_message(stand_in) == "training failed: _Unpicklable: a b"
+    assert failure_message(exited) == "training failed: SystemExit: 2"
+    assert failure_message(again) == "loss is nan"
 
 
 @pytest.mark.parametrize(

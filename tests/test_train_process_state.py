@@ -1,5 +1,6 @@
-"""The process-wide state a run touches: torch's TF32 flag is as it was after train() returns or raises, and a
-second run in the same process may use another --mixed_precision (accelerate keeps one state per process)."""
+"""The process-wide state a run touches: torch's TF32 flag is as it was after train() returns or raises, and
+accelerate's precision, fixed once per process, makes a run with another --mixed_precision a one-line error
+(the app's default runs each training in a process of its own: tests/test_app_training.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from train_helpers import tiny_config
 from nblora_diffusion.training import TrainCallbacks, train
 from nblora_diffusion.training.config import ADAPTERS
 from nblora_diffusion.training.methods import METHODS, AdapterSetup
-from nblora_diffusion.training.setup import allow_another_precision, tf32_matmuls
+from nblora_diffusion.training.setup import check_process_precision, tf32_matmuls
 
 
 @pytest.fixture
@@ -56,24 +57,19 @@ def test_train_leaves_the_global_tf32_flag_as_it_was(tmp_path, tf32_flag, ending
     assert torch.backends.cuda.matmul.allow_tf32 is before
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
-def test_a_second_accelerator_may_use_another_precision(fresh_accelerate_state):
+def test_another_precision_in_the_same_process_is_a_one_line_error_before_anything_is_written(tmp_path):
+    """accelerate fixes the precision once per process and has no public reset: train() says what to do
+    (a new process; the app runs each training in its own) instead of resetting accelerate's private state."""
     from accelerate import Accelerator
 
-    Accelerator(mixed_precision="no", cpu=True)
-    with pytest.raises(ValueError, match="already been initialized"):  # what the reset is for
-        Accelerator(mixed_precision="bf16", cpu=True)
-    allow_another_precision("no")  # the same precision: the state stays
-    allow_another_precision("bf16")
-    assert Accelerator(mixed_precision="bf16", cpu=True).mixed_precision == "bf16"
+    Accelerator(mixed_precision="no")  # what a first train() with --mixed_precision no leaves behind
+    out = tmp_path / "bf16"
+    expected = "^--mixed_precision bf16: this process already trained with 'no'"
+    with pytest.raises(ValueError, match=expected) as e:
+        train(tiny_config(out, mixed_precision="bf16", max_train_steps=1))
+    assert "start a new process" in str(e.value) and "\n" not in str(e.value)
+    assert not out.exists()
+    check_process_precision("no")  # the same precision again: fine
 
 
 def test_every_adapter_option_has_one_method():

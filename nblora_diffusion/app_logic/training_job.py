@@ -1,7 +1,11 @@
 """One training at a time, run in a worker thread, its callbacks turned into a stream of events.
 
-The run calls ``nblora_diffusion.training.train`` (the code behind train_dreambooth.py); Stop sets the
-flag that the trainer polls through ``should_stop``, so it saves a checkpoint and the adapter, then returns.
+By default the run calls ``nblora_diffusion.training.train`` (the code behind train_dreambooth.py) in a
+child process of its own (``training.train_in_child_process``), as the training GUIs of the field do: the
+GPU memory is freed after each run, a crash stays out of the app, and each run may choose its own
+precision. A ``train_fn`` given to the slot runs in the worker thread itself (the tests' fakes). Stop sets
+the flag that the trainer polls through ``should_stop``, so it saves a checkpoint and the adapter, then
+returns.
 """
 
 from __future__ import annotations
@@ -65,9 +69,22 @@ def describe_step(event: TrainEvent) -> str:
 
 
 def _default_train() -> TrainFn:
-    from ..training import train
+    from ..training import train_in_child_process
 
-    return train
+    return train_in_child_process
+
+
+def failure_message(e: Exception) -> str:
+    """The page's one line for a run that raised ``e``: a ValueError's own first line (bad settings, a
+    TrainingError), else "training failed: Type: first line"."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    if isinstance(e, ValueError):
+        return first or "invalid training settings"
+    from ..training import TrainingProcessError
+
+    if isinstance(e, TrainingProcessError):  # already "Type: ..." of the child's error, or how it died
+        return f"training failed: {first}"
+    return f"training failed: {type(e).__name__}: {first}"
 
 
 class TrainingRun:
@@ -120,16 +137,16 @@ class TrainingRun:
                 self.last_checkpoint = str(ckpt)
             final = _int(getattr(self.result, "final_step", None) or getattr(self.result, "step", None))
             self._events.put(TrainEvent("done", final, result=self.result, elapsed_s=time.monotonic() - t0))
-        except ValueError as e:
-            self.error = str(e).splitlines()[0] if str(e) else "invalid training settings"
-            self._events.put(TrainEvent("error", error=self.error))
         except Exception as e:  # the trainer's own failures (OOM, I/O): one line for the page, full log here
-            log.exception("training failed")
-            self.error = f"training failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if not isinstance(e, ValueError):
+                log.exception("training failed")
+            self.error = failure_message(e)
             self._events.put(TrainEvent("error", error=self.error))
         finally:
-            self._done.set()
-            self._on_exit()
+            try:
+                self._on_exit()  # the slot is free once the run counts as done
+            finally:
+                self._done.set()
 
     # -- caller side --------------------------------------------------------------------------------
     @property
@@ -194,7 +211,11 @@ class Ticket:
 
 
 class TrainingSlot:
-    """Admits one training at a time (across every user of an app), first come first served."""
+    """Admits one training at a time (across every user of an app), first come first served.
+
+    ``train_fn(config, callbacks=..., should_stop=...)`` runs each training; by default
+    ``train_in_child_process``, each training in a process of its own.
+    """
 
     def __init__(self, train_fn: TrainFn | None = None) -> None:
         self._train_fn = train_fn

@@ -1,6 +1,7 @@
 """The setup steps of a run: input checks, accelerator, base model, output folder, class images, optimizer,
 data loader. Each is a function of explicit arguments, called in order by ``train``; with them the two
-pieces of process-wide state a run touches (accelerate's state, torch's TF32 flag), each in one function."""
+pieces of process-wide state a run touches, each in one function: accelerate's state (its precision is fixed
+once per process, ``check_process_precision``) and torch's TF32 flag (``tf32_matmuls``)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def check_inputs(config: TrainConfig) -> tuple[Path, Path | None, list[Photo]]:
         raise ValueError("--instance_prompt is required")
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    check_process_precision(config.mixed_precision)
     check_optimizer(config.optimizer)  # a missing bitsandbytes / prodigyopt: one line, nothing written
     if config.compile:
         check_compile("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,11 +81,30 @@ def check_compile(device_type: str) -> None:
         raise ValueError("--compile on the CPU needs a C++ compiler (g++ or clang++); drop --compile")
 
 
+def check_process_precision(mixed_precision: str) -> None:
+    """One --mixed_precision per process: a one-line error when this process already trained with another.
+
+    accelerate keeps one process-wide ``AcceleratorState`` and fixes its precision once; it has no public
+    way to start over (its maintainers: one precision per process), so a run with another precision needs a
+    new process. The app runs every training in a child process of its own (``train_in_child_process``).
+    """
+    from accelerate.state import AcceleratorState, is_initialized
+
+    if not is_initialized():
+        return
+    before = AcceleratorState().mixed_precision
+    if before != mixed_precision:
+        raise ValueError(
+            f"--mixed_precision {mixed_precision}: this process already trained with {before!r} and "
+            "accelerate fixes the precision once per process: start a new process (the app runs each "
+            "training in its own; nblora_diffusion.training.train_in_child_process does the same)"
+        )
+
+
 def make_accelerator(config: TrainConfig, out: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    allow_another_precision(config.mixed_precision)
     if config.report_to == "tensorboard" and not any(
         map(importlib.util.find_spec, ("tensorboard", "tensorboardX"))
     ):
@@ -94,25 +115,6 @@ def make_accelerator(config: TrainConfig, out: Path):
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / config.logging_dir)),
     )
-
-
-def allow_another_precision(mixed_precision: str) -> None:
-    """Let a second ``train()`` in this process use another --mixed_precision (the app, the tests).
-
-    accelerate keeps one process-wide ``AcceleratorState`` and refuses an ``Accelerator`` whose
-    mixed_precision differs from the first one's ("AcceleratorState has already been initialized and
-    cannot be changed"). It has no public way to start over (accelerate 1.15: only the private
-    ``AcceleratorState._reset_state``, which its own test case calls between tests; ``free_memory`` and
-    ``end_training`` keep the state), so this is the one place that calls it: in a single process only
-    (a launcher's multi-process state is never touched), and only when the precision differs.
-    """
-    from accelerate.state import AcceleratorState, is_initialized
-
-    if not is_initialized():
-        return
-    state = AcceleratorState()
-    if state.mixed_precision != mixed_precision and state.num_processes == 1:
-        AcceleratorState._reset_state()  # private: see the docstring
 
 
 @contextlib.contextmanager
