@@ -10,6 +10,7 @@ word (killed, a segfault) raises ``TrainingProcessError``, never a hang.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import pickle
 import queue
@@ -51,7 +52,10 @@ def train_in_child_process(
     stop = ctx.Event()
     # daemon: the child ends with this process; the trainer itself starts no multiprocessing children
     child = ctx.Process(
-        target=_child_main, args=(train_fn, config, events, stop), name="nblora-train", daemon=True
+        target=_child_main,
+        args=(train_fn, config, events, stop, logging.getLogger().getEffectiveLevel()),
+        name="nblora-train",
+        daemon=True,
     )
     child.start()
     try:
@@ -129,7 +133,8 @@ def _rebuilt(exc: BaseException | None, type_name: str, message: str, is_value_e
     return exc
 
 
-def _child_main(train_fn: TrainFn | None, config: TrainConfig, events, stop) -> None:
+def _child_main(train_fn: TrainFn | None, config: TrainConfig, events, stop, log_level: int) -> None:
+    logging.basicConfig(level=log_level)  # the trainer's log lines reach stderr as in the caller
     if train_fn is None:
         from .loop import train
 
