@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..training.text import tokenize
 from . import models
 from .world import COLOR_NAMES, COLORS, KINDS, PATTERNS, POSITIONS, Scene, caption, random_scenes, render
 
@@ -138,14 +139,7 @@ def train_vae(cfg: PretrainConfig, out: Path, state: dict) -> None:
 
 
 def _encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    ids = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return text_encoder(ids)[0]  # (B, L, width)
+    return text_encoder(tokenize(tokenizer, prompts))[0]  # (B, L, width)
 
 
 @torch.no_grad()
