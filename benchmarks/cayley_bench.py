@@ -5,8 +5,9 @@ Measures, in one run and on one device:
      kept for backward (exact: bytes of the distinct storages autograd saves, counted with
      ``torch.autograd.graph.saved_tensors_hooks``) and peak memory above the start (CUDA: the
      allocator's peak; CPU: the running sum of the profiler's allocation events);
-  2. batched materialisation (the model-level pre-hook: one Cayley per (q, r) group) vs the per-layer
-     path, for a training step (forward + backward) and for filling the inference cache.
+  2. batched materialisation (what the model's forward does first: one Cayley per group of layers of
+     one shape) vs the per-layer path, for a training step (forward + backward) and for filling the
+     inference cache.
 
 The shapes come from the real SD1.5 UNet config, built on the meta device (no weights, no download).
 Times are medians of ``torch.utils.benchmark`` runs, the two sides interleaved, best of ``--repeats``.
@@ -55,8 +56,9 @@ def sd15_adapters(rank: int, device: torch.device, parameterization: str = "II")
 
 
 def shape_groups(layers: list) -> dict[tuple[int, int], int]:
-    """(q, r) -> number of adapters, for the Cayley inputs of all layers."""
-    return Counter(tuple(F.shape) for layer in layers for F in layer.cayley_inputs())
+    """(q, r) of Fᵀ = [Ã, B̃] (q = in + out) -> number of adapters, per group of layers of one shape."""
+    assert all(layer.parameterization == "II" for layer in layers)
+    return Counter((layer.in_features + layer.out_features, layer.rank) for layer in layers)
 
 
 def median_time(fn: Callable[[], None], min_run_time: float) -> float:
@@ -88,11 +90,11 @@ def saved_bytes(fn: Callable[[], object]) -> int:
 
 # -- 1. fused vs plain autograd ---------------------------------------------------------------------
 def cayley_inputs_by_group(layers: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per (q, r) group: a leaf Fᵀ (L, r, q), the layout the batched path builds, and a fixed ∇Q."""
+    """Per group of layers of one shape: a leaf Fᵀ (L, r, q) and a fixed ∇Q."""
     groups: dict[tuple, list[torch.Tensor]] = {}
-    for layer in layers:
-        for F in layer.cayley_inputs():
-            groups.setdefault(tuple(F.shape), []).append(F.detach().mT)
+    for layer in layers:  # Fᵀ = [Ã, B̃] (r, q)
+        Ft = torch.cat([layer.nblora_A, layer.nblora_B], dim=-1).detach()
+        groups.setdefault((layer.in_features, layer.out_features, layer.rank), []).append(Ft)
     gen = torch.Generator().manual_seed(1)
     out = []
     for mats in groups.values():
@@ -136,11 +138,11 @@ def bench_materialize(layers: list, device: torch.device, args: argparse.Namespa
     params = [t for layer in layers for t in layer.parameters(recurse=False)]
 
     def consume(factors: list, inputs: list) -> None:
-        # what a training forward does with the factors, for one token per layer: x·P_in, times g,
-        # times P_outᵀ; the same ops on both sides. autograd.grad: a step starts from zeroed grads
+        # what a training forward does with the factors, for one token per layer: x·lora_Aᵀ·lora_Bᵀ;
+        # the same ops on both sides. autograd.grad: a step starts from zeroed grads
         loss = sum(
-            (torch.nn.functional.linear(torch.nn.functional.linear(x, P_in.mT) * g, P_out) * w).sum()
-            for (P_in, P_out, g), x, w in zip(factors, tokens, weights, strict=True)
+            (torch.nn.functional.linear(torch.nn.functional.linear(x, A), B) * w).sum()
+            for (A, B), x, w in zip(factors, tokens, weights, strict=True)
         )
         torch.autograd.grad(loss, inputs, allow_unused=True)
         synchronize(device)
@@ -152,7 +154,7 @@ def bench_materialize(layers: list, device: torch.device, args: argparse.Namespa
         return [layer.compute_factors() for layer in layers]
 
     def fill(batch: bool) -> Callable[[], None]:
-        """The first inference forward after a change: the pre-hook's batched pass, or each layer alone."""
+        """The first inference forward after a change: the batched pass, or each layer alone."""
 
         def run() -> None:
             with torch.no_grad():
@@ -169,8 +171,7 @@ def bench_materialize(layers: list, device: torch.device, args: argparse.Namespa
     # make the forward faster than this on this device
     stacked = defaultdict(list)
     for layer in layers:
-        for parts in layer.cayley_blocks():
-            stacked[tuple(b.shape for b in parts)].append(parts)
+        stacked[(layer.in_features, layer.out_features, layer.rank)].append((layer.nblora_A, layer.nblora_B))
     kernel_inputs = [
         [torch.stack(column).detach().requires_grad_() for column in zip(*members, strict=True)]
         for members in stacked.values()
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         layers = sd15_adapters(rank, device)
         groups = shape_groups(layers)
         listing = ", ".join(f"{q}x{r}: {n}" for (q, r), n in sorted(groups.items()))
-        print(f"\nr = {rank}: {len(layers)} adapters in {len(groups)} (q, r) groups ({listing})")
+        print(f"\nr = {rank}: {len(layers)} adapters in {len(groups)} groups ({listing}, as q x r)")
         c = bench_cayley(cayley_inputs_by_group(layers), device, args)
         m, ops = bench_materialize(layers, device, args)
         for name in ("fused", "plain"):

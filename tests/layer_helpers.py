@@ -9,7 +9,6 @@ from torch import nn
 
 from nblora_diffusion import NBLoRALinear
 from nblora_diffusion.core.bounds import schatten_norm
-from nblora_diffusion.core.cayley import cayley
 
 P_VALUES = [1.0, 2.0, 3.5, math.inf]
 PARAMETERIZATIONS = ["I", "II"]
@@ -38,5 +37,5 @@ def norm_of(W: torch.Tensor, p: float) -> float:
 
 def fresh_delta_weight(layer: NBLoRALinear) -> torch.Tensor:
     """W from the parameters through the plain-autograd Cayley: no cache, no fused path."""
-    P_in, P_out, g = layer.factors_from([cayley(F, fused=False) for F in layer.cayley_inputs()])
-    return (P_out * (g * layer.scale)) @ P_in.mT
+    A, B = layer.compute_factors(scaled=False, fused=False)
+    return (B * layer.scale) @ A

@@ -188,3 +188,14 @@ def test_sign_flip_handles_minus_identity():
 def test_cayley_rejects_bad_input_naming_it(F, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         cayley(F)
+
+
+def test_fused_cayley_ops_pass_the_custom_op_checks():
+    """The fused transform's two ops (torch.compile calls them as opaque nodes): schema, fake
+    implementation, autograd registration and AOT dispatch, as torch.library.opcheck checks them."""
+    gen = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(3, 4, n, dtype=torch.float64, generator=gen, requires_grad=True) for n in (9, 5)]
+    torch.library.opcheck(torch.ops.nblora.cayley.default, (blocks,))
+    *outs, M, N = torch.ops.nblora.cayley.default([b.detach() for b in blocks])
+    grads = [torch.randn(o.shape, dtype=o.dtype, generator=gen) for o in outs]
+    torch.library.opcheck(torch.ops.nblora.cayley_backward.default, ([M, N, *outs], grads))

@@ -20,7 +20,7 @@ from nblora_diffusion import (
     nblora_state_dict,
     save_nblora,
 )
-from nblora_diffusion.core import nblora_layers, read_nblora_file, set_nblora_scale
+from nblora_diffusion.core import cayley_transposed, nblora_layers, read_nblora_file, set_nblora_scale
 
 TARGETS = ("to_q", "to_v")
 
@@ -184,10 +184,10 @@ def test_export_reproduces_delta_weight(name, scale):
 def test_export_of_parameterization_II_is_A_and_2BtS():
     model = adapted(CONFIGS["II-p2"])
     layer = model.to_q
-    P_in, P_out, g = layer.factors()
+    A, B = cayley_transposed([layer.nblora_A, layer.nblora_B], fused=False)  # [Ã, B̃] -> [A, B]
     sd = export_lora_state_dict(model)
-    assert torch.allclose(sd["to_q.lora_A.weight"], P_in.mT)  # A (r, n), orthonormal rows with B
-    assert torch.allclose(sd["to_q.lora_B.weight"], P_out * (2 * layer.bound_vector()))  # 2BᵀS
+    assert torch.allclose(sd["to_q.lora_A.weight"], A)  # A (r, n), orthonormal rows with B
+    assert torch.allclose(sd["to_q.lora_B.weight"], B.mT * (2 * layer.bound_vector()))  # 2BᵀS
 
 
 @pytest.mark.parametrize("name", ["II-p2", "I-pinf"])

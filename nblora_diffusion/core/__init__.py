@@ -13,7 +13,7 @@ from .inject import (
     unload_nblora,
     unmerge_nblora,
 )
-from .layer import NBLoRALinear
+from .layer import NBLoRALinear, stacked_factors
 from .state import (
     atomic_save_safetensors,
     export_lora_state_dict,
@@ -50,6 +50,7 @@ __all__ = [
     "save_nblora",
     "schatten_norm",
     "set_nblora_scale",
+    "stacked_factors",
     "unload_nblora",
     "unmerge_nblora",
 ]

@@ -1,18 +1,20 @@
-"""FactorCache: where an adapter's factors (P_in, P_out, g) live between their computation and their use.
+"""FactorCache: where an adapter's factors (lora_A, lora_B) live between their computation and their use.
 
 Two kinds of entries, with explicit lifetimes instead of a key on tensor identity:
 
-- ``current``: the factors the model's pre-forward hook computed in batches for the forward in progress
-  (with an autograd graph when training). They serve the adapters while that forward runs, and during
-  the backward pass (non-reentrant gradient checkpointing recomputes adapted layers there and must see the
-  same tensors). An adapter called on its own, outside the hooked model's forward, computes its own.
-- ``frozen``: detached factors (and their dtype-cast product) for eval-mode forwards without gradients,
-  eager mode only. An entry is dropped by every optimizer step (a global step post-hook: fused AdamW and
-  8-bit optimizers included, which update parameters without bumping their version counters), by every
-  forward with gradients through the hooked model, by ``train()``/``eval()``, ``load_state_dict`` and
-  the adapter's own setters. As a safety net for hand edits (``p.add_(...)`` under ``no_grad``), an
-  entry also lapses when a tensor's version counter moved; edits through ``.data`` are invisible to it:
-  call ``forget_factors()`` on the layer (or ``model.eval()`` again) after those.
+- ``current``: the factors (slider included) the model's forward computed first, in batches, for the
+  forward in progress (with an autograd graph when training). They serve the adapters while that forward
+  runs, and during the backward pass (non-reentrant gradient checkpointing recomputes adapted layers
+  there and must see the same tensors). An adapter called on its own, outside the hooked model's
+  forward, computes its own.
+- ``frozen``: detached factors without the slider (and their dtype-cast copies with it) for eval-mode
+  forwards without gradients, eager mode only; the model's forward fills them in batches. An entry is
+  dropped by every optimizer step (a global step post-hook: fused AdamW and 8-bit optimizers included,
+  which update parameters without bumping their version counters), by every forward with gradients
+  through the hooked model, by ``train()``/``eval()``, ``load_state_dict`` and the adapter's own
+  setters. As a safety net for hand edits (``p.add_(...)`` under ``no_grad``), an entry also lapses when
+  a tensor's version counter moved; edits through ``.data`` are invisible to it: call
+  ``forget_factors()`` on the layer (or ``model.eval()`` again) after those.
 
 Under ``torch.compile`` nothing is cached across calls: the factors are recomputed inside the graph, so
 the compiled code reads no counters and never recompiles when they move.
@@ -48,8 +50,8 @@ def in_backward() -> bool:
 
 class Frozen(NamedTuple):
     stamp: tuple  # (optimizer steps, version counters, dtype, device) when computed
-    factors: tuple  # detached (P_in, P_out, g)
-    applied: tuple | None = None  # (dtype, scale, P_inᵀ, P_out·g·scale) cast for one input dtype
+    factors: tuple  # detached (lora_A, lora_B), slider not applied
+    applied: tuple | None = None  # (dtype, scale, lora_A, lora_B·scale) cast for one input dtype
 
 
 class FactorCache:
@@ -75,7 +77,7 @@ class FactorCache:
 
     # -- the forward in progress ------------------------------------------------------------------
     def begin(self, current: list, with_graph: bool) -> None:
-        """Called by the model's pre-forward hook with the factors it computed (None where it did not)."""
+        """Called by the model's forward with the factors it computed (None where it did not)."""
         self.current = current
         self.open = True
         if with_graph:  # a forward with gradients comes before parameter updates, by whatever means

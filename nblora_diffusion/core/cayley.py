@@ -17,7 +17,6 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -49,9 +48,13 @@ def _fused_forward(blocks: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], 
     return outs, M, N
 
 
-class _FusedCayley(torch.autograd.Function):
-    """Cayley transform of an (L, q, r) batch given as column blocks of Fᵀ, with a hand-written
-    backward (paper Appendix C).
+# The fused transform is a pair of custom ops, each opaque to torch.compile: a compiled graph calls
+# them like any aten op (one node each, no graph break), and inductor generates no code for the r×r
+# algebra inside, which would cost compile time per shape group for no speed-up.
+@torch.library.custom_op("nblora::cayley", mutates_args=())
+def _cayley_op(blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Cayley transform of an (L, q, r) batch given as column blocks of Fᵀ: the forward op, with a
+    hand-written backward op (paper Appendix C).
 
     Input: blocks T_k of shape (L, r, q_k) with Fᵀ = [T_0, T_1, ...] and q_0 >= r (for an adapter
     the blocks are its parameters Ã (r, n) and B̃ (r, m) themselves, stacked over layers). Output:
@@ -67,30 +70,52 @@ class _FusedCayley(torch.autograd.Function):
     C = -½ M (∇M + ∇Mᵀ). Only the output blocks and the r×r matrices M, N are kept for backward;
     its q-sized products (Hᵀ∇H, Cᵀ Hᵀ, N ∇Hᵀ) are GEMMs.
     """
+    outs, M, N = _fused_forward(blocks)
+    return [*outs, M, N.contiguous()]  # M and N: kept for the backward, not part of the result
 
-    @staticmethod
-    def forward(ctx, *blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outs, M, N = _fused_forward(blocks)
-        ctx.save_for_backward(M, N, *outs)
-        ctx.r = blocks[0].shape[-2]
-        return tuple(outs)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        M, N, *outs = ctx.saved_tensors
-        r = ctx.r
-        Hts = [outs[0][..., r:], *outs[1:]]  # Hᵀ blocks
-        gHts = [grads[0][..., r:], *grads[1:]]  # ∇Hᵀ blocks
-        HtgH = sum(Ht @ gHt.mT for Ht, gHt in zip(Hts, gHts, strict=True))  # Hᵀ∇H: (L, r, r)
-        K = torch.baddbmm(grads[0][..., :r].mT, M.mT, HtgH, beta=2.0)  # 2∇G + Mᵀ(Hᵀ∇H)
-        grad_M = -(N.mT @ K @ N.mT)
-        Ct = ((grad_M + grad_M.mT) @ M.mT).mul_(-0.5)  # Cᵀ = -½ (∇M + ∇Mᵀ)ᵀ Mᵀ, symmetric part
-        # ∇Yᵀ = Cᵀ Hᵀ - 2 N ∇Hᵀ on whole blocks (contiguous GEMM outputs), then ∇Xᵀ in block 0
-        N2 = N * -2.0
-        grad_blocks = [torch.bmm(Ct, o).baddbmm_(N2, g) for o, g in zip(outs, grads, strict=True)]
-        grad_blocks[0][..., :r].copy_(grad_M.mT - grad_M)  # ∇Xᵀ
-        return tuple(grad_blocks)
+@_cayley_op.register_fake
+def _(blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+    L, r = blocks[0].shape[0], blocks[0].shape[-2]
+    return [torch.empty_like(b, memory_format=torch.contiguous_format) for b in blocks] + [
+        blocks[0].new_empty(L, r, r) for _ in range(2)
+    ]
+
+
+@torch.library.custom_op("nblora::cayley_backward", mutates_args=())
+def _cayley_backward_op(saved: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients of the blocks of Fᵀ from M, N, the output blocks and their gradients."""
+    M, N, *outs = saved
+    r = M.shape[-1]
+    Hts = [outs[0][..., r:], *outs[1:]]  # Hᵀ blocks
+    gHts = [grads[0][..., r:], *grads[1:]]  # ∇Hᵀ blocks
+    HtgH = sum(Ht @ gHt.mT for Ht, gHt in zip(Hts, gHts, strict=True))  # Hᵀ∇H: (L, r, r)
+    K = torch.baddbmm(grads[0][..., :r].mT, M.mT, HtgH, beta=2.0)  # 2∇G + Mᵀ(Hᵀ∇H)
+    grad_M = -(N.mT @ K @ N.mT)
+    Ct = ((grad_M + grad_M.mT) @ M.mT).mul_(-0.5)  # Cᵀ = -½ (∇M + ∇Mᵀ)ᵀ Mᵀ, symmetric part
+    # ∇Yᵀ = Cᵀ Hᵀ - 2 N ∇Hᵀ on whole blocks (contiguous GEMM outputs), then ∇Xᵀ in block 0
+    N2 = N * -2.0
+    grad_blocks = [torch.bmm(Ct, o).baddbmm_(N2, g) for o, g in zip(outs, grads, strict=True)]
+    grad_blocks[0][..., :r].copy_(grad_M.mT - grad_M)  # ∇Xᵀ
+    return grad_blocks
+
+
+@_cayley_backward_op.register_fake
+def _(saved: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.empty_like(o, memory_format=torch.contiguous_format) for o in saved[2:]]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*output[-2:], *output[:-2])  # M, N, then the output blocks
+
+
+def _backward(ctx, grads: list) -> tuple:
+    M, N, *outs = ctx.saved_tensors
+    grads = [torch.zeros_like(o) if g is None else g for g, o in zip(grads[: len(outs)], outs, strict=True)]
+    return (_cayley_backward_op([M, N, *outs], grads),)  # (the gradients of M and N are not used)
+
+
+_cayley_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _plain_cayley(F: torch.Tensor) -> torch.Tensor:
@@ -143,10 +168,7 @@ def cayley_transposed(blocks: Sequence[torch.Tensor], *, fused: bool = True) -> 
     with torch.autocast(device_type=device.type, enabled=False) if autocast else contextlib.nullcontext():
         if fused:
             flat = [b.reshape(-1, r, b.shape[-1]) for b in work]
-            if torch.is_grad_enabled() and any(b.requires_grad for b in flat):
-                outs = _FusedCayley.apply(*flat)
-            else:  # nothing to differentiate: the same forward without the autograd.Function around it
-                outs = _fused_forward(flat)[0]
+            outs = _cayley_op(flat)[: len(flat)]
             outs = [o.reshape(*lead, r, o.shape[-1]) for o in outs]
         else:
             Q = _plain_cayley(torch.cat(work, dim=-1).mT)

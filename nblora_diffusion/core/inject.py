@@ -1,12 +1,13 @@
 """The one injection mechanism: wrap matching nn.Linear modules of any model in NBLoRALinear.
 
 Injection also wraps the model's forward so that every adapter's factors are materialised first, in
-batched Cayley calls, one per (q, r) shape group, instead of one small call per layer. Besides ``forward``
-it adds one attribute to the model, ``model.nblora_materializer`` (``MATERIALIZER_ATTR``; like diffusers'
-``peft_config``): the materializer, which holds the model's layers in injection order and their factor
-cache. Each layer keeps the NBLoRAConfig it was injected with (``layer.config``; its resolved bound is the
-layer's own ``nblora_delta``), so ``injected_configs`` reads the configs from the layers. ``unload_nblora``
-removes all of it.
+batched calls, one per group of layers of the same shape and bound type (``NBLoRALinear.batch_key``),
+instead of one small computation per layer. Besides ``forward`` it adds one attribute to the model,
+``model.nblora_materializer`` (``MATERIALIZER_ATTR``; like diffusers' ``peft_config``): the
+materializer, which holds the model's layers in injection order and their factor cache. Each layer
+keeps the NBLoRAConfig it was injected with (``layer.config``; its resolved bound is the layer's own
+``nblora_delta``), so ``injected_configs`` reads the configs from the layers. ``unload_nblora`` removes
+all of it.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .bounds import bound_vector, matrix_schatten_norm
+from .bounds import matrix_schatten_norm
 from .cache import FactorCache
-from .cayley import cayley_transposed
 from .config import NBLoRAConfig
-from .layer import Factors, NBLoRALinear, gain
+from .layer import Factors, NBLoRALinear, stacked_factors
 
 MATERIALIZER_ATTR = "nblora_materializer"  # the one attribute injection adds
 
@@ -44,72 +44,37 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def materialize(layers: Sequence[NBLoRALinear]) -> list[Factors]:
-    """The factors of many adapters with one batched Cayley call per (q, r) shape group.
+def materialize(layers: Sequence[NBLoRALinear], *, scaled: bool = True) -> list[Factors]:
+    """The factors of many adapters: one ``stacked_factors`` call per group of layers with the same
+    ``batch_key()`` (and the same need of a graph), instead of one small computation per layer.
 
     Factors of layers that need a graph (training) carry one; the others are computed without
     gradients. The per-layer path computes the same values (``NBLoRALinear.compute_factors``).
     """
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, layer in enumerate(layers):
+        groups[(layer._needs_graph(), layer.batch_key())].append(i)
     factors: list = [None] * len(layers)
-    needs_graph = [layer._needs_graph() for layer in layers]
-    for graph in (True, False):
-        members = [i for i, needs in enumerate(needs_graph) if needs == graph]
-        if members:
-            with torch.set_grad_enabled(graph):
-                for i, f in zip(members, _batched([layers[i] for i in members]), strict=True):
-                    factors[i] = f
+    for (graph, _), members in groups.items():
+        with torch.set_grad_enabled(graph):
+            A, B = stacked_factors([layers[i] for i in members], scaled=scaled)
+        for i, A_i, B_i in zip(members, A.unbind(0), B.unbind(0), strict=True):
+            factors[i] = (A_i, B_i)
     return factors
 
 
 def _forward_factors(layers: list[NBLoRALinear], cache: FactorCache) -> None:
-    """The pre-forward hook's work: batched factors for every live adapter of the model."""
-    todo = [  # every live adapter, except eval-mode ones whose cached factors are still valid
-        slot
-        for slot, layer in enumerate(layers)
-        if not (layer.merged or layer._skipped() or (layer._caches() and layer._frozen_valid()))
-    ]
+    """The model forward's first work, in batches: the factors of every live adapter for this forward,
+    and the frozen entries of eval-mode adapters whose entries are not valid."""
+    live = [slot for slot, layer in enumerate(layers) if not (layer.merged or layer._skipped())]
+    direct = [slot for slot in live if not layers[slot]._caches()]
     current: list = [None] * len(layers)
-    for slot, factors in zip(todo, materialize([layers[i] for i in todo]), strict=True):
+    for slot, factors in zip(direct, materialize([layers[i] for i in direct]), strict=True):
         current[slot] = factors
-    cache.begin(current, with_graph=any(layers[i]._needs_graph() for i in todo))
-
-
-def _batched(layers: list[NBLoRALinear]) -> list[Factors]:
-    blocks = [layer.cayley_blocks() for layer in layers]  # column blocks of Fᵀ: (r, q_k) each
-    groups: dict[tuple, list[tuple[int, int]]] = defaultdict(list)  # (q, r, dtype, device) -> (layer, matrix)
-    for i, mats in enumerate(blocks):
-        for j, parts in enumerate(mats):
-            q, r = sum(b.shape[-1] for b in parts), parts[0].shape[-2]
-            groups[(q, r, parts[0].dtype, parts[0].device)].append((i, j))
-    outputs: list[list] = [[None] * len(mats) for mats in blocks]
-    for members in groups.values():
-        parts = [blocks[i][j] for i, j in members]
-        sizes = [b.shape[-1] for b in parts[0]]
-        if all([b.shape[-1] for b in p] == sizes for p in parts):
-            # one stack per block over the layers, e.g. all Ã (L, r, n) and all B̃ (L, r, m)
-            outs = cayley_transposed([torch.stack(column) for column in zip(*parts, strict=True)])
-            per_member = list(zip(*(o.unbind(0) for o in outs), strict=True))
-        else:  # same q from different splits, e.g. (n, m) and (m, n) layers: one block per layer
-            (Qt,) = cayley_transposed([torch.stack([torch.cat(p, dim=-1) for p in parts])])
-            per_member = [
-                tuple(Qt_i.split([b.shape[-1] for b in p], dim=-1))
-                for Qt_i, p in zip(Qt.unbind(0), parts, strict=True)
-            ]
-        for (i, j), out in zip(members, per_member, strict=True):
-            outputs[i][j] = out
-    gains: list = [None] * len(layers)
-    g_groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, layer in enumerate(layers):
-        s_tilde = layer.nblora_s
-        g_groups[(layer.p, layer.parameterization, layer.rank, s_tilde.dtype, s_tilde.device)].append(i)
-    for (p, parameterization, *_), members in g_groups.items():
-        s_tilde = torch.stack([layers[i].nblora_s for i in members])  # (L, r)
-        delta = torch.stack([layers[i].nblora_delta for i in members]).unsqueeze(-1)  # (L, 1)
-        d = torch.stack([layers[i].nblora_d for i in members]) if parameterization == "I" else None
-        g = gain(parameterization, bound_vector(s_tilde, p, delta), d)  # (L, r)
-        for i, g_i in zip(members, g.unbind(0), strict=True):
-            gains[i] = g_i
-    return [layer.factors_from(outs, g) for layer, outs, g in zip(layers, outputs, gains, strict=True)]
+    cache.begin(current, with_graph=any(f[0].requires_grad or f[1].requires_grad for f in current if f))
+    stale = [layers[slot] for slot in live if layers[slot]._caches() and not layers[slot]._frozen_valid()]
+    for layer, factors in zip(stale, materialize(stale, scaled=False), strict=True):
+        layer._freeze(factors)
 
 
 class _Materializer:

@@ -3,12 +3,15 @@
 Both parameterizations reduce to three factors, W = P_out · diag(g) · P_inᵀ:
   II (default, paper eq. 8): [Aᵀ; Bᵀ] = Cayley([Ãᵀ; B̃ᵀ]), P_in = Aᵀ, P_out = Bᵀ, g = 2s.
   I  (paper §3.2):           P_in = Cayley(Ṽ), P_out = Cayley(Ũ), g = clamp(d̃, -s, s).
-Forward, delta_weight, merge and export all go through those factors.
+The layer works with them as the LoRA pair W = lora_B · lora_A, lora_A = P_inᵀ (r, in) with orthonormal
+rows and lora_B = P_out · diag(g) (out, r): forward, delta_weight, merge and export all go through it.
+``stacked_factors`` computes the pair for a batch of layers at once; a single layer is a batch of one.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,21 +23,38 @@ from .cache import FactorCache, Frozen, watch_optimizer_steps
 from .cayley import cayley_sign_flip, cayley_transposed, inverse_cayley
 from .config import NBLoRAConfig, check_dropout, check_parameterization, check_rank
 
-Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # P_in (n, r), P_out (m, r), g (r,)
+Factors = tuple[torch.Tensor, torch.Tensor]  # lora_A (r, n), lora_B (m, r): W = lora_B @ lora_A
 
 
 def _forget_after_load(layer: NBLoRALinear, incompatible_keys) -> None:
     layer.forget_factors()  # load_state_dict post-hook: the tensors hold new values
 
 
-def gain(parameterization: str, s: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
-    """The diagonal g of W = P_out·diag(g)·P_inᵀ from the bounds s (..., r).
+def stacked_factors(layers: Sequence[NBLoRALinear], *, scaled: bool = True, fused: bool = True) -> Factors:
+    """lora_A (L, r, n) and lora_B (L, m, r) of L layers sharing ``batch_key()``.
 
-    II: g = 2s (W = 2BᵀSA, paper eq. 8). I: g = d projected into [-s, s] (paper §3.2).
+    Every tensor of the computation is a stack over the layers: one Cayley call per factor for the
+    whole batch (II: [Ã, B̃] -> [A, B]; I: Ũᵀ and Ṽᵀ), the bounds, the gains and the product with them.
+    ``scaled``: lora_B includes the slider (each layer's ``nblora_scale``). ``fused=False`` uses the
+    plain-autograd Cayley (a reference for tests).
     """
-    if parameterization == "II":
-        return 2.0 * s
-    return torch.minimum(torch.maximum(d, -s), s)
+    first = layers[0]
+
+    def stack(name: str) -> torch.Tensor:
+        return torch.stack([getattr(layer, name) for layer in layers])
+
+    s = bound_vector(stack("nblora_s"), first.p, stack("nblora_delta").unsqueeze(-1))  # (L, r)
+    if first.parameterization == "II":
+        A, B = cayley_transposed([stack("nblora_A"), stack("nblora_B")], fused=fused)  # (L, r, n), (L, r, m)
+        P_in_t, P_out_t, g = A, B, 2.0 * s  # lora_A = A, lora_B = Bᵀ·2S
+    else:
+        (Ut,) = cayley_transposed([stack("nblora_U").mT], fused=fused)  # Uᵀ (L, r, m)
+        (Vt,) = cayley_transposed([stack("nblora_V").mT], fused=fused)  # Vᵀ (L, r, n)
+        d = stack("nblora_d")
+        P_in_t, P_out_t, g = Vt, Ut, torch.minimum(torch.maximum(d, -s), s)  # d projected into [-s, s]
+    if scaled:
+        g = g * stack("nblora_scale").unsqueeze(-1)
+    return P_in_t, (P_out_t * g.unsqueeze(-1)).mT  # lora_B = P_out·diag(g)
 
 
 class NBLoRALinear(nn.Module):
@@ -93,42 +113,23 @@ class NBLoRALinear(nn.Module):
     def delta(self) -> float:
         return float(self.nblora_delta)
 
-    def cayley_blocks(self) -> list[tuple[torch.Tensor, ...]]:
-        """Each tall matrix F this layer sends through the Cayley transform, as column blocks of Fᵀ.
+    def batch_key(self) -> tuple:
+        """Layers with equal keys compute their factors in one ``stacked_factors`` call."""
+        s = self.nblora_s
+        return (
+            self.parameterization,
+            self.rank,
+            self.in_features,
+            self.out_features,
+            self.p,
+            s.dtype,
+            s.device,
+        )
 
-        Fᵀ = cat(blocks, dim=-1) (see ``cayley_transposed``). For parameterization II the blocks are
-        the parameters Ã (r, n) and B̃ (r, m) themselves, so a batch of layers is one stack per block.
-        """
-        if self.parameterization == "II":
-            return [(self.nblora_A, self.nblora_B)]  # [Ãᵀ; B̃ᵀ]ᵀ = [Ã, B̃]: (r, n + m)
-        return [(self.nblora_U.mT,), (self.nblora_V.mT,)]
-
-    def cayley_inputs(self) -> list[torch.Tensor]:
-        """The tall matrices (q, r) this layer sends through the Cayley transform."""
-        return [(torch.cat(b, dim=-1) if len(b) > 1 else b[0]).mT for b in self.cayley_blocks()]
-
-    def factors_from(self, outputs: list, g: torch.Tensor | None = None) -> Factors:
-        """(P_in, P_out, g) from the Cayley outputs, scale not applied.
-
-        Each output is the tuple of blocks that ``cayley_transposed`` returns for the matching entry
-        of ``cayley_blocks()``, or the (q, r) output of ``cayley`` for ``cayley_inputs()``. ``g`` is
-        given when the caller batched it over layers.
-        """
-        blocks = [o if isinstance(o, tuple) else self._split_rows(o, j) for j, o in enumerate(outputs)]
-        if g is None:
-            g = gain(self.parameterization, self.bound_vector_unscaled(), getattr(self, "nblora_d", None))
-        if self.parameterization == "II":
-            ((A, B),) = blocks  # A (r, n), B (r, m)
-            return A.mT, B.mT, g
-        (Ut,), (Vt,) = blocks
-        return Vt.mT, Ut.mT, g
-
-    def _split_rows(self, Q: torch.Tensor, j: int) -> tuple[torch.Tensor, ...]:
-        sizes = [b.shape[-1] for b in self.cayley_blocks()[j]]
-        return tuple(b.mT for b in Q.split(sizes, dim=-2))
-
-    def compute_factors(self) -> Factors:
-        return self.factors_from([cayley_transposed(b) for b in self.cayley_blocks()])
+    def compute_factors(self, *, scaled: bool = True, fused: bool = True) -> Factors:
+        """(lora_A, lora_B) of this layer alone: a batch of one (see ``stacked_factors``)."""
+        A, B = stacked_factors([self], scaled=scaled, fused=fused)
+        return A[0], B[0]
 
     def _needs_graph(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self._parameters.values())
@@ -149,15 +150,17 @@ class NBLoRALinear(nn.Module):
         return self.factor_cache.frozen_entry(self.factor_slot, self._stamp()) is not None
 
     def _frozen(self) -> Frozen:
-        cache, slot = self.factor_cache, self.factor_slot
-        stamp = self._stamp()
-        entry = cache.frozen_entry(slot, stamp)
+        entry = self.factor_cache.frozen_entry(self.factor_slot, self._stamp())
         if entry is None:
             with torch.no_grad():
-                current = cache.current_factors(slot)
-                factors = current if current is not None else self.compute_factors()
-            entry = Frozen(stamp, tuple(f.detach() for f in factors))
-            cache.store(slot, entry)
+                entry = self._freeze(self.compute_factors(scaled=False))
+        return entry
+
+    def _freeze(self, factors: Factors) -> Frozen:
+        """Store factors without the slider as this layer's frozen entry (the model's forward fills
+        them in batches)."""
+        entry = Frozen(self._stamp(), tuple(f.detach() for f in factors))
+        self.factor_cache.store(self.factor_slot, entry)
         return entry
 
     def forget_factors(self) -> None:
@@ -169,14 +172,18 @@ class NBLoRALinear(nn.Module):
         return super().train(mode)
 
     def factors(self) -> Factors:
-        """Current factors (P_in, P_out, g): from the model's batched pass for this forward, from the
+        """lora_A (r, in) with orthonormal rows and lora_B (out, r), the slider included:
+        ``delta_weight() == lora_B @ lora_A``. From the model's batched pass for this forward, from the
         eval-mode cache, or computed here (see ``core/cache.py`` for when each applies)."""
         if self._caches():
-            return self._frozen().factors
-        factors = self.factor_cache.current_factors(self.factor_slot)
-        if factors is None or (self._needs_graph() and not any(f.requires_grad for f in factors)):
+            A, B = self._frozen().factors
+            return A, B * self._scale
+        current = self.factor_cache.current_factors(self.factor_slot)
+        if current is None or (
+            not (current[0].requires_grad or current[1].requires_grad) and self._needs_graph()
+        ):
             return self.compute_factors()
-        return factors
+        return current
 
     # -- public API -----------------------------------------------------------------------------
     @property
@@ -211,8 +218,8 @@ class NBLoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The update W, shape (out, in), in the adapter's dtype (float32 or float64)."""
-        P_in, P_out, g = self.factors()
-        return (P_out * (g * self._scale)) @ P_in.mT  # (m, r) @ (r, n) -> (m, n)
+        A, B = self.factors()
+        return B @ A  # (m, r) @ (r, n) -> (m, n)
 
     def merge(self, keep_base: bool | None = None) -> None:
         """Add the update into the base weight. ``keep_base`` keeps a CPU copy of the base weight, so that
@@ -244,26 +251,22 @@ class NBLoRALinear(nn.Module):
         if self.merged or self._skipped():
             return y
         if self._caches():
-            P_in_t, P_out_g = self._applied(x.dtype)
-            return y + F.linear(F.linear(x, P_in_t), P_out_g)
-        P_in, P_out, g = self.factors()
+            A, B = self._applied(x.dtype)
+            return y + F.linear(F.linear(x, A), B)
+        A, B = self.factors()
         dtype = (
             torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         )
-        h = F.linear(self.dropout(x), P_in.mT.to(dtype))  # (..., n) @ (n, r) -> (..., r)
-        return y + F.linear(h, (P_out * (g * self.nblora_scale)).to(dtype))  # (..., r) @ (r, m) -> (..., m)
+        if A.dtype != dtype:
+            A, B = A.to(dtype), B.to(dtype)
+        return y + F.linear(F.linear(self.dropout(x), A), B)  # (..., n) -> (..., r) -> (..., m)
 
-    def _applied(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached (P_inᵀ, P_out·g·scale) in the input dtype: two matmuls per inference forward."""
+    def _applied(self, dtype: torch.dtype) -> Factors:
+        """Cached (lora_A, lora_B·scale) in the input dtype: two matmuls per inference forward."""
         entry = self._frozen()
         if entry.applied is None or entry.applied[:2] != (dtype, self._scale):
-            P_in, P_out, g = entry.factors
-            applied = (
-                dtype,
-                self._scale,
-                P_in.mT.to(dtype).contiguous(),
-                (P_out * (g * self._scale)).to(dtype),
-            )
+            A, B = entry.factors
+            applied = (dtype, self._scale, A.to(dtype).contiguous(), (B * self._scale).to(dtype))
             entry = entry._replace(applied=applied)
             self.factor_cache.store(self.factor_slot, entry)
         return entry.applied[2], entry.applied[3]

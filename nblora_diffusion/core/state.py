@@ -135,9 +135,9 @@ def export_lora_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torc
     """
     out = {}
     for name, layer in nblora_layers(model):
-        P_in, P_out, g = layer.factors()
-        out[f"{prefix}{name}.lora_A.weight"] = P_in.mT.contiguous().clone()
-        out[f"{prefix}{name}.lora_B.weight"] = (P_out * (g * layer.scale)).contiguous().clone()
+        A, B = layer.factors()
+        out[f"{prefix}{name}.lora_A.weight"] = A.contiguous().clone()
+        out[f"{prefix}{name}.lora_B.weight"] = B.contiguous().clone()
     if not out:
         raise ValueError("model has no NB-LoRA adapters to export")
     return out

@@ -123,9 +123,8 @@ class NBLoRA(AdapterSetup):
         pairs = []
         for comp, model in self.models.items():
             for name, layer in nblora_layers(model):
-                P_in, P_out, g = layer.factors()
-                left = P_out * (g * layer.scale)
-                pairs.append((f"{comp}.{name}", left, P_in, layer.delta * layer.scale, layer.p))
+                A, B = layer.factors()
+                pairs.append((f"{comp}.{name}", B, A.mT, layer.delta * layer.scale, layer.p))
         return pairs
 
     @contextlib.contextmanager
