@@ -379,3 +379,21 @@ def test_wrapped_forward_survives_accelerate_autocast_and_unwrap(bf16_accelerato
     with torch.no_grad():
         assert torch.allclose(plain(x, context), expected, rtol=0, atol=1e-5)
     assert len(cayley_calls) == 5  # still one batched call per group of layers
+
+
+@pytest.mark.parametrize("config", CONFIGS[:2], ids=["II", "I"])
+def test_slider_moves_in_eval_mode_reuse_the_cached_factors(config, cayley_calls):
+    """The eval-mode cache holds the factors without the slider: a move costs no Cayley, and the cached
+    path agrees with the batched training-mode pass, which applies the slider on the stacks."""
+    model = injected(config).eval()
+    x, context = inputs()
+    with torch.no_grad():
+        model(x, context)
+        filled = len(cayley_calls)
+        set_nblora_scale(model, 0.5)
+        cached = model(x, context)
+        assert len(cayley_calls) == filled
+        model.train()  # no cache: the stacked pass with the slider, under no_grad
+        assert torch.allclose(model(x, context), cached, rtol=0, atol=100 * torch.finfo(x.dtype).eps)
+        set_nblora_scale(model, 1.0)
+        assert not torch.allclose(model(x, context), cached)  # the slider does move the output

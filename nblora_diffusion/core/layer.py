@@ -40,7 +40,9 @@ def stacked_factors(layers: Sequence[NBLoRALinear], *, scaled: bool = True, fuse
     """
     first = layers[0]
 
-    def stack(name: str) -> torch.Tensor:
+    def stack(name: str) -> torch.Tensor:  # a layer alone: a view, no copy
+        if len(layers) == 1:
+            return getattr(first, name).unsqueeze(0)
         return torch.stack([getattr(layer, name) for layer in layers])
 
     s = bound_vector(stack("nblora_s"), first.p, stack("nblora_delta").unsqueeze(-1))  # (L, r)
