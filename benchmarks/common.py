@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from nblora_diffusion import NBLoRAConfig, inject_nblora
+from nblora_diffusion.training.optim import make_optimizer
 
 # stable-diffusion-v1-5 unet/config.json, the fields that fix the architecture
 SD15_UNET = dict(
@@ -28,8 +29,9 @@ SD15_UNET = dict(
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the 128 attention projections
 
 
-def add_adapter(unet, kind: str, rank: int) -> torch.optim.Optimizer:
-    """NB-LoRA (p = 2, δ = 1) or PEFT LoRA (alpha = r) on ``TARGETS``, float32 adapters; their AdamW."""
+def add_adapter(unet, kind: str, rank: int, optimizer: str = "adamw") -> torch.optim.Optimizer:
+    """NB-LoRA (p = 2, δ = 1) or PEFT LoRA (alpha = r) on ``TARGETS``, float32 adapters; their AdamW
+    (torch's defaults, lr 1e-4; ``optimizer``: the trainer's ``adamw`` or ``adamw_fused``)."""
     torch.manual_seed(0)
     if kind == "nblora":
         inject_nblora(unet, NBLoRAConfig(rank=rank, p=2.0, delta=1.0, target_modules=TARGETS))
@@ -42,7 +44,7 @@ def add_adapter(unet, kind: str, rank: int) -> torch.optim.Optimizer:
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:  # adapters train in float32 over fp16 base weights
         p.data = p.data.float()
-    return torch.optim.AdamW(params, lr=1e-4)
+    return make_optimizer(optimizer, params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 
 
 def make_step(model, optimizer, side: int, context_dim: int, device: torch.device, dtype: torch.dtype):

@@ -1,10 +1,11 @@
 """torch.compile vs eager training step, NB-LoRA and PEFT LoRA side by side in one run.
 
 One DreamBooth-style step: UNet forward on a noisy latent with text conditioning, MSE loss, backward, AdamW
-on the adapter (the optimizer stays eager; the UNet is compiled with ``torch.compile(unet)``, inductor by
-default). Both adapters wrap the attention projections (to_q, to_k, to_v, to_out.0) at the same rank:
-NB-LoRA with p = 2, δ = 1 (its batched Cayley transforms run inside the compiled graph), PEFT LoRA with
-lora_alpha = rank, adapters in float32. UNets: the tiny SD's layout (default; 2 cross-attention blocks,
+on the adapter (torch's default loop, or its fused kernel with ``--optimizer adamw_fused``; the optimizer
+stays eager, the UNet is compiled with ``torch.compile(unet)``, inductor by default). Both adapters wrap
+the attention projections (to_q, to_k, to_v, to_out.0) at the same rank: NB-LoRA with p = 2, δ = 1 (its
+batched Cayley transforms run inside the compiled graph), PEFT LoRA with lora_alpha = rank, adapters in
+float32. UNets: the tiny SD's layout (default; 2 cross-attention blocks,
 8 attention projections per block pair) or the SD1.5 architecture (``--unet sd15``, random weights).
 
 Compile time: the first compiled step minus an eager step (inductor's caches disabled, and one throwaway
@@ -13,6 +14,7 @@ steps, the variants interleaved round by round in alternating order (on a shared
 in a round is measured slower).
 
     python benchmarks/compile_bench.py [--unet tiny|sd15] [--device cpu|cuda] [--rank 4] [--steps 5]
+                                       [--optimizer adamw|adamw_fused]
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ TINY_UNET = dict(
 KINDS = ("nblora", "lora")
 
 
-def adapted_unet(kind: str, spec: dict, rank: int, device: torch.device, dtype: torch.dtype):
+def adapted_unet(
+    kind: str, spec: dict, rank: int, device: torch.device, dtype: torch.dtype, optimizer: str = "adamw"
+):
     torch.manual_seed(0)
     unet = torch.nn.Module.to(UNet2DConditionModel(**spec), device, dtype)  # diffusers' `to` warns
     unet.requires_grad_(False).train()
-    return unet, add_adapter(unet, kind, rank)
+    return unet, add_adapter(unet, kind, rank, optimizer)
 
 
 def make_step(model, optimizer, spec: dict, side: int, device: torch.device, dtype: torch.dtype):
@@ -76,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         "--latent", type=int, default=None, help="latent side (default: tiny 16, sd15 32 CPU / 64 GPU)"
     )
     parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument(
+        "--optimizer",
+        choices=("adamw", "adamw_fused"),
+        default="adamw",
+        help="the trainer's --optimizer for both adapters (adamw: torch's default, tensor by tensor on CPU)",
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (even: both orders)")
     parser.add_argument("--first", choices=KINDS, default="nblora", help="the adapter that compiles first")
@@ -91,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine(device)}")
     print(
         f"{args.unet} UNet (random weights), {side}x{side} latents, batch 1, {dtype}, rank {args.rank}, "
-        f"targets {TARGETS}"
+        f"targets {TARGETS}, optimizer {args.optimizer}"
     )
     warm_up_inductor(device)
-    models = {kind: adapted_unet(kind, spec, args.rank, device, dtype) for kind in KINDS}
+    models = {kind: adapted_unet(kind, spec, args.rank, device, dtype, args.optimizer) for kind in KINDS}
     eager = {k: make_step(unet, opt, spec, side, device, dtype) for k, (unet, opt) in models.items()}
     compiled = {
         k: make_step(torch.compile(unet), opt, spec, side, device, dtype) for k, (unet, opt) in models.items()

@@ -273,7 +273,8 @@ def test_noise_offset_must_be_a_finite_non_negative_number(tmp_path):
 
 # -- optimizers ------------------------------------------------------------------------------------------
 def test_bad_optimizer_name_is_a_one_line_error(tmp_path):
-    with pytest.raises(ValueError, match=r"--optimizer must be one of adamw, adamw8bit, prodigy, got 'sgd'"):
+    names = "adamw, adamw_fused, adamw8bit, prodigy"
+    with pytest.raises(ValueError, match=rf"--optimizer must be one of {names}, got 'sgd'"):
         config(tmp_path, optimizer="sgd")
     with pytest.raises(ValueError, match="invalid choice") as e:
         build_parser().parse_args(["--optimizer", "lion"])
@@ -319,6 +320,23 @@ def test_adamw8bit_is_bitsandbytes_adamw8bit_with_the_runs_hyperparameters(tmp_p
     result = train(config(tmp_path / "out", use_8bit_adam=True, max_train_steps=1, checkpointing_steps=1))
     assert result.final_step == 1
     assert made == [{"lr": 5e-2, "betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-8}]
+
+
+def test_adamw_fused_is_torchs_fused_kernel_and_resumes_bit_for_bit(tmp_path):
+    out = tmp_path / "out"
+    cfg = config(out, optimizer="adamw_fused", max_train_steps=2, checkpointing_steps=1)
+    fused = trained(cfg)
+    loop = trained(cfg.replace(output_dir=str(tmp_path / "loop"), optimizer="adamw"))
+    assert fused.keys() == loop.keys()
+    assert any(not torch.equal(fused[k], loop[k]) for k in fused), "not the fused kernel: bitwise the loop's"
+    # the same update up to rounding, which Adam's first steps amplify where g ≈ eps: 1 % of a step
+    for k in fused:
+        torch.testing.assert_close(fused[k], loop[k], rtol=0, atol=0.01 * cfg.learning_rate)
+    split = cfg.replace(output_dir=str(tmp_path / "split"))
+    train(split.replace(max_train_steps=1))  # then resumed to step 2
+    assert_same(trained(split.replace(resume_from_checkpoint="latest")), fused)
+    made = train_setup.make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))], 1)
+    assert type(made) is torch.optim.AdamW and made.defaults["fused"] is True
 
 
 def test_prodigy_trains(tmp_path):

@@ -1,4 +1,5 @@
-"""The optimizers of ``--optimizer``: torch's AdamW, bitsandbytes' 8-bit AdamW, Prodigy.
+"""The optimizers of ``--optimizer``: torch's AdamW (its default loop or its fused kernel), bitsandbytes'
+8-bit AdamW, Prodigy.
 
 The two optional ones come from their own pip packages; a missing package is a one-line ValueError that
 names it, raised by ``check_optimizer`` before anything is written.
@@ -13,7 +14,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# --optimizer -> (module to import, pip package, class name); None: torch's own
+# --optimizer -> torch's AdamW with these keyword arguments. "adamw_fused": one kernel per step for all
+# tensors (CUDA and CPU), the same update as the default loop up to rounding (the transformers Trainer's
+# adamw_torch_fused); it pays off most for adapters of many small tensors
+_TORCH = {"adamw": {}, "adamw_fused": {"fused": True}}
+# --optimizer -> (module to import, pip package, class name) of the optional ones
 _OPTIONAL = {
     "adamw8bit": ("bitsandbytes.optim", "bitsandbytes", "AdamW8bit"),
     "prodigy": ("prodigyopt", "prodigyopt", "Prodigy"),
@@ -22,10 +27,10 @@ _OPTIONAL = {
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     """The optimizer class of ``--optimizer name``; ValueError naming the pip package when it is missing."""
-    if name == "adamw":
+    if name in _TORCH:
         return torch.optim.AdamW
     if name not in _OPTIONAL:
-        raise ValueError(f"--optimizer must be one of adamw, {', '.join(_OPTIONAL)}, got {name!r}")
+        raise ValueError(f"--optimizer must be one of {', '.join([*_TORCH, *_OPTIONAL])}, got {name!r}")
     module, package, cls = _OPTIONAL[name]
     try:
         return getattr(importlib.import_module(module), cls)
@@ -54,4 +59,4 @@ def make_optimizer(
     cls = optimizer_class(name)
     if name == "prodigy" and lr < 0.1:
         log.warning("Prodigy scales its own step size by --learning_rate (%g); 1.0 is the usual value", lr)
-    return cls(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+    return cls(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, **_TORCH.get(name, {}))
