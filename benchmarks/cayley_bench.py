@@ -5,9 +5,9 @@ Measures, in one run and on one device:
      kept for backward (exact: bytes of the distinct storages autograd saves, counted with
      ``torch.autograd.graph.saved_tensors_hooks``) and peak memory above the start (CUDA: the
      allocator's peak; CPU: the running sum of the profiler's allocation events);
-  2. batched materialisation (what the model's forward does first: one Cayley per group of layers of
-     one shape) vs the per-layer path, for a training step (forward + backward) and for filling the
-     inference cache.
+  2. batched materialisation (what the model's forward does first: the layers stacked per group of one
+     shape, the Cayley transforms of all groups in one call) vs the per-layer path, for a training step
+     (forward + backward) and for filling the inference cache.
 
 The shapes come from the real SD1.5 UNet config, built on the meta device (no weights, no download).
 Times are medians of ``torch.utils.benchmark`` runs, the two sides interleaved, best of ``--repeats``.
@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.benchmark import Timer
 
 from nblora_diffusion import NBLoRAConfig, inject_nblora
-from nblora_diffusion.core import cayley, cayley_transposed, materialize, nblora_layers
+from nblora_diffusion.core import cayley, cayley_transposed_groups, materialize, nblora_layers
 
 from common import SD15_UNET, TARGETS, machine, peak_bytes, synchronize
 
@@ -179,16 +179,18 @@ def bench_materialize(layers: list, device: torch.device, args: argparse.Namespa
 
     kernel_grads = [[torch.randn(b.shape, generator=gen).to(device) for b in bs] for bs in kernel_inputs]
 
-    def kernel_step() -> None:
-        for blocks, grads in zip(kernel_inputs, kernel_grads, strict=True):
-            torch.autograd.grad(cayley_transposed(blocks), blocks, grads)
+    def kernel_step() -> None:  # all groups in one call, as the batched pass does
+        outs = [o for group in cayley_transposed_groups(kernel_inputs) for o in group]
+        torch.autograd.grad(
+            outs, [b for bs in kernel_inputs for b in bs], [g for gs in kernel_grads for g in gs]
+        )
         synchronize(device)
 
     leaves = [[f.detach().requires_grad_() for f in fs] for fs in per_layer()]  # the consumer alone
     timed = {
         "forward batched": lambda: (batched(), synchronize(device)),
         "forward per-layer": lambda: (per_layer(), synchronize(device)),
-        "forward kernel alone": lambda: ([cayley_transposed(b) for b in kernel_inputs], synchronize(device)),
+        "forward kernel alone": lambda: (cayley_transposed_groups(kernel_inputs), synchronize(device)),
         "fwd+bwd kernel alone": kernel_step,
         "fwd+bwd batched": lambda: consume(batched(), params),
         "fwd+bwd per-layer": lambda: consume(per_layer(), params),

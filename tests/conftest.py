@@ -62,7 +62,7 @@ def quick_example(name: str, tmp_path_factory, *flags: str):
 
 @pytest.fixture
 def cayley_calls(monkeypatch) -> list[tuple[int, int, int]]:
-    """Records (L, q, r) of every Cayley transform the layers and the batched pass run."""
+    """Records (L, q, r) of every group of Cayley transforms the layers and the batched pass run."""
     import importlib
 
     cayley_module, layer = (
@@ -70,14 +70,15 @@ def cayley_calls(monkeypatch) -> list[tuple[int, int, int]]:
     )
 
     calls: list[tuple[int, int, int]] = []
-    original = cayley_module.cayley_transposed
+    original = cayley_module.cayley_transposed_groups
 
-    def counted(blocks, **kwargs):
-        L = blocks[0].shape[0] if blocks[0].dim() == 3 else 1
-        calls.append((L, sum(b.shape[-1] for b in blocks), blocks[0].shape[-2]))
-        return original(blocks, **kwargs)
+    def counted(groups, **kwargs):
+        for blocks in groups:
+            L = blocks[0].shape[0] if blocks[0].dim() == 3 else 1
+            calls.append((L, sum(b.shape[-1] for b in blocks), blocks[0].shape[-2]))
+        return original(groups, **kwargs)
 
-    monkeypatch.setattr(layer, "cayley_transposed", counted)  # the one caller (stacked_factors)
+    monkeypatch.setattr(layer, "cayley_transposed_groups", counted)  # the one caller (stacked_factors)
     return calls
 
 

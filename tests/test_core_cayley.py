@@ -7,7 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nblora_diffusion.core.cayley import cayley, cayley_sign_flip, cayley_transposed, inverse_cayley
+from nblora_diffusion.core.cayley import (
+    cayley,
+    cayley_sign_flip,
+    cayley_transposed,
+    cayley_transposed_groups,
+    inverse_cayley,
+)
 
 # (batch..., q, r): square, tall, r = 1, one and two leading batch dims
 SHAPES = [(3, 3), (7, 3), (5, 1), (2, 9, 4), (2, 3, 6, 2), (1, 12, 12)]
@@ -89,6 +95,31 @@ def test_block_form_is_the_cayley_of_the_concatenation_and_passes_gradcheck(size
     assert torch.allclose(torch.cat(outs, dim=-1), expected, rtol=0, atol=1e-13)
     plain = cayley_transposed(blocks, fused=False)
     assert all(torch.allclose(o, p, rtol=0, atol=1e-13) for o, p in zip(outs, plain, strict=True))
+
+
+def test_groups_in_one_call_equal_each_group_alone_and_pass_gradcheck():
+    """cayley_transposed_groups: groups of their own batch size, q_k, rank and dtype; those of one rank
+    and dtype share one op call, and every group's result is its own transform."""
+    torch.manual_seed(4)
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    shapes = [[(3, 2, 5), (3, 2, 4)], [(1, 2, 7)], [(2, 3, 6), (2, 3, 2)], [(2, 2, 3)]]  # r = 2, 2, 3, 2
+    groups = [[torch.randn(*shape, **f64) for shape in group] for group in shapes]
+    flat = [b for group in groups for b in group]
+
+    def run(*blocks):
+        it = iter(blocks)
+        return tuple(
+            o for outs in cayley_transposed_groups([[next(it) for _ in g] for g in groups]) for o in outs
+        )
+
+    assert torch.autograd.gradcheck(run, flat, eps=1e-6, atol=1e-8)
+    for outs, blocks in zip(cayley_transposed_groups(groups), groups, strict=True):
+        alone = cayley_transposed(blocks, fused=False)
+        assert all(torch.allclose(o, a, rtol=0, atol=1e-13) for o, a in zip(outs, alone, strict=True))
+    half = [[torch.randn(2, 2, 5).half()], [torch.randn(1, 2, 3)]]  # same rank, two dtypes: two calls
+    outs = cayley_transposed_groups(half)
+    assert [o[0].dtype for o in outs] == [torch.float16, torch.float32]
+    assert torch.allclose(outs[0][0].float(), cayley_transposed(half[0])[0].float(), rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -194,8 +225,10 @@ def test_fused_cayley_ops_pass_the_custom_op_checks():
     """The fused transform's two ops (torch.compile calls them as opaque nodes): schema, fake
     implementation, autograd registration and AOT dispatch, as torch.library.opcheck checks them."""
     gen = torch.Generator().manual_seed(0)
-    blocks = [torch.randn(3, 4, n, dtype=torch.float64, generator=gen, requires_grad=True) for n in (9, 5)]
-    torch.library.opcheck(torch.ops.nblora.cayley.default, (blocks,))
-    *outs, M, N = torch.ops.nblora.cayley.default([b.detach() for b in blocks])
+    shapes, counts = [(3, 4, 9), (3, 4, 5), (2, 4, 6)], [2, 1]  # two groups: L = 3 with two blocks, L = 2
+    blocks = [torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True) for shape in shapes]
+    torch.library.opcheck(torch.ops.nblora.cayley.default, (blocks, counts))
+    *outs, M, N = torch.ops.nblora.cayley.default([b.detach() for b in blocks], counts)
+    assert M.shape == N.shape == (5, 4, 4)
     grads = [torch.randn(o.shape, dtype=o.dtype, generator=gen) for o in outs]
-    torch.library.opcheck(torch.ops.nblora.cayley_backward.default, ([M, N, *outs], grads))
+    torch.library.opcheck(torch.ops.nblora.cayley_backward.default, ([M, N, *outs], grads, counts))

@@ -378,7 +378,7 @@ def test_wrapped_forward_survives_accelerate_autocast_and_unwrap(bf16_accelerato
     cayley_calls.clear()
     with torch.no_grad():
         assert torch.allclose(plain(x, context), expected, rtol=0, atol=1e-5)
-    assert len(cayley_calls) == 5  # still one batched call per group of layers
+    assert len(cayley_calls) == 5  # still the same batched groups of layers
 
 
 @pytest.mark.parametrize("config", CONFIGS[:2], ids=["II", "I"])

@@ -173,7 +173,7 @@ def test_adapters_are_materialised_once_not_per_denoising_step(cayley_calls):
     calls = cayley_calls
     images(pipe, steps=4)
     first = len(calls)
-    # one batched Cayley call per (shape) group, all in the first forward of each model
+    # each (shape) group transformed once, all in the first forward of each model
     assert 0 < first <= len({s for s in calls})
     images(pipe, steps=4)
     assert len(calls) == first  # cached: the second generation runs no Cayley at all

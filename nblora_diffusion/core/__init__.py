@@ -1,7 +1,7 @@
 """Pure NB-LoRA math and the generic layer, shared by the diffusion and LLM/ViT parts."""
 
 from .bounds import bound_vector, matrix_schatten_norm, parse_p, schatten_norm
-from .cayley import cayley, cayley_sign_flip, cayley_transposed, inverse_cayley
+from .cayley import cayley, cayley_sign_flip, cayley_transposed, cayley_transposed_groups, inverse_cayley
 from .config import NBLoRAConfig
 from .inject import (
     inject_nblora,
@@ -33,6 +33,7 @@ __all__ = [
     "cayley",
     "cayley_sign_flip",
     "cayley_transposed",
+    "cayley_transposed_groups",
     "export_lora_state_dict",
     "inject_nblora",
     "injected_configs",

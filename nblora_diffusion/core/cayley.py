@@ -14,6 +14,7 @@ and the backward is a GEMM rather than a triangular solve with q right-hand side
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -27,39 +28,60 @@ def _add_identity(A: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     return A
 
 
-def _fused_forward(blocks: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """The fused forward on (L, r, q_k) blocks of Fᵀ: the output blocks of Qᵀ, M and N (see below)."""
-    r = blocks[0].shape[-2]
-    Xt = blocks[0][..., :r]  # Xᵀ: (L, r, r)
-    Yts = [blocks[0][..., r:], *blocks[1:]]  # row blocks of Y, transposed: (L, r, q_k)
-    M = torch.baddbmm(Xt.mT - Xt, Yts[0], Yts[0].mT)  # X - Xᵀ + Y_0ᵀ Y_0, contiguous
-    for Yt in Yts[1:]:
-        M.baddbmm_(Yt, Yt.mT)  # + Y_kᵀ Y_k
-    _add_identity(M)
+def _split(blocks: Sequence[torch.Tensor], counts: Sequence[int]) -> list[Sequence[torch.Tensor]]:
+    """The flat block list of the op, back into its groups (``counts[g]`` blocks each)."""
+    ends = itertools.accumulate(counts)
+    return [blocks[end - n : end] for n, end in zip(counts, ends, strict=True)]
+
+
+def _rows(groups: Sequence[Sequence[torch.Tensor]]) -> list[slice]:
+    """Each group's rows in the stacked r×r matrices (M, N) of all groups."""
+    sizes = [blocks[0].shape[0] for blocks in groups]
+    return [slice(end - n, end) for n, end in zip(sizes, itertools.accumulate(sizes), strict=True)]
+
+
+def _fused_forward(groups: Sequence[Sequence[torch.Tensor]]) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """The fused forward: per group, (L_g, r, q_k) blocks of Fᵀ; the output blocks of Qᵀ per group,
+    and M, N of all groups stacked (ΣL_g, r, r): the r×r algebra runs once for every group."""
+    r = groups[0][0].shape[-2]
+    Ms = []
+    for blocks in groups:
+        Xt = blocks[0][..., :r]  # Xᵀ: (L, r, r)
+        Yts = [blocks[0][..., r:], *blocks[1:]]  # row blocks of Y, transposed: (L, r, q_k)
+        M = torch.baddbmm(Xt.mT - Xt, Yts[0], Yts[0].mT)  # X - Xᵀ + Y_0ᵀ Y_0, contiguous
+        for Yt in Yts[1:]:
+            M.baddbmm_(Yt, Yt.mT)  # + Y_kᵀ Y_k
+        Ms.append(M)
+    M = _add_identity(torch.cat(Ms) if len(Ms) > 1 else Ms[0])
     LU, pivots, _ = torch.linalg.lu_factor_ex(M)  # never singular: σ_min(M) >= 1
     eye = torch.eye(r, dtype=M.dtype, device=M.device).expand_as(M)
-    N = torch.linalg.lu_solve(LU, pivots, eye)  # (L, r, r)
+    N = torch.linalg.lu_solve(LU, pivots, eye)  # (ΣL, r, r)
     # Hᵀ = -2 Nᵀ Yᵀ: (L, r, r) @ (L, r, q_k), on whole blocks so that every GEMM writes a
     # contiguous tensor; the first r columns of block 0 (Gᵀ's place) are then overwritten by a
     # copy, never an `out=` into that strided view (torch.compile cannot trace one)
-    Nt2 = N.mT * -2.0
-    outs = [torch.bmm(Nt2, T) for T in blocks]
-    outs[0][..., :r].copy_(_add_identity(N.mT * 2.0, -1.0))  # Gᵀ = 2Nᵀ - I
+    Nt2, Gt = N.mT * -2.0, _add_identity(N.mT * 2.0, -1.0)  # Gᵀ = 2Nᵀ - I
+    outs = []
+    for blocks, rows in zip(groups, _rows(groups), strict=True):
+        group = [torch.bmm(Nt2[rows], T) for T in blocks]
+        group[0][..., :r].copy_(Gt[rows])
+        outs.append(group)
     return outs, M, N
 
 
 # The fused transform is a pair of custom ops, each opaque to torch.compile: a compiled graph calls
 # them like any aten op (one node each, no graph break), and inductor generates no code for the r×r
-# algebra inside, which would cost compile time per shape group for no speed-up.
+# algebra inside, which would cost compile time for no speed-up.
 @torch.library.custom_op("nblora::cayley", mutates_args=())
-def _cayley_op(blocks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Cayley transform of an (L, q, r) batch given as column blocks of Fᵀ: the forward op, with a
-    hand-written backward op (paper Appendix C).
+def _cayley_op(blocks: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
+    """Cayley transforms of several (L_g, q_g, r) batches at once, each given as column blocks of Fᵀ:
+    the forward op, with a hand-written backward op (paper Appendix C).
 
-    Input: blocks T_k of shape (L, r, q_k) with Fᵀ = [T_0, T_1, ...] and q_0 >= r (for an adapter
-    the blocks are its parameters Ã (r, n) and B̃ (r, m) themselves, stacked over layers). Output:
-    the blocks of Qᵀ = [G; H]ᵀ with the same shapes. Working on Fᵀ keeps every q-sized operand
-    row-major with unit stride and needs no concatenation of the blocks.
+    Input: the blocks of every group in one list, ``counts[g]`` of them for group g; a group's blocks
+    T_k have shape (L_g, r, q_k) with Fᵀ = [T_0, T_1, ...] and q_0 >= r (for adapters the blocks are
+    their parameters Ã (r, n) and B̃ (r, m) themselves, stacked over the layers of one shape). Output:
+    the blocks of Qᵀ = [G; H]ᵀ with the same shapes, then M and N of all groups. Working on Fᵀ keeps
+    every q-sized operand row-major with unit stride and needs no concatenation of the blocks; the
+    r×r algebra (M's factorisation, N, and the backward's r×r products) runs once for all groups.
 
     Derivation, with the sign of the paper's first ∇Y term corrected. With G = 2N - I, H = -2YN:
         dL = <∇G, 2 dN> + <∇H, -2 dY N - 2 Y dN>,   dN = -N dM N,   dM = dX - dXᵀ + dYᵀY + YᵀdY.
@@ -70,49 +92,62 @@ def _cayley_op(blocks: list[torch.Tensor]) -> list[torch.Tensor]:
     C = -½ M (∇M + ∇Mᵀ). Only the output blocks and the r×r matrices M, N are kept for backward;
     its q-sized products (Hᵀ∇H, Cᵀ Hᵀ, N ∇Hᵀ) are GEMMs.
     """
-    outs, M, N = _fused_forward(blocks)
-    return [*outs, M, N.contiguous()]  # M and N: kept for the backward, not part of the result
+    outs, M, N = _fused_forward(_split(blocks, counts))
+    return [o for group in outs for o in group] + [M, N.contiguous()]  # M, N: kept for the backward
 
 
 @_cayley_op.register_fake
-def _(blocks: list[torch.Tensor]) -> list[torch.Tensor]:
-    L, r = blocks[0].shape[0], blocks[0].shape[-2]
+def _(blocks: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
+    L, r = sum(group[0].shape[0] for group in _split(blocks, counts)), blocks[0].shape[-2]
     return [torch.empty_like(b, memory_format=torch.contiguous_format) for b in blocks] + [
         blocks[0].new_empty(L, r, r) for _ in range(2)
     ]
 
 
 @torch.library.custom_op("nblora::cayley_backward", mutates_args=())
-def _cayley_backward_op(saved: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+def _cayley_backward_op(
+    saved: list[torch.Tensor], grads: list[torch.Tensor], counts: list[int]
+) -> list[torch.Tensor]:
     """The gradients of the blocks of Fᵀ from M, N, the output blocks and their gradients."""
     M, N, *outs = saved
     r = M.shape[-1]
-    Hts = [outs[0][..., r:], *outs[1:]]  # Hᵀ blocks
-    gHts = [grads[0][..., r:], *grads[1:]]  # ∇Hᵀ blocks
-    HtgH = sum(Ht @ gHt.mT for Ht, gHt in zip(Hts, gHts, strict=True))  # Hᵀ∇H: (L, r, r)
-    K = torch.baddbmm(grads[0][..., :r].mT, M.mT, HtgH, beta=2.0)  # 2∇G + Mᵀ(Hᵀ∇H)
+    out_groups, grad_groups = _split(outs, counts), _split(grads, counts)
+    Ks = []
+    for o, g in zip(out_groups, grad_groups, strict=True):
+        HtgH = sum(
+            Ht @ gHt.mT for Ht, gHt in zip([o[0][..., r:], *o[1:]], [g[0][..., r:], *g[1:]], strict=True)
+        )
+        Ks.append(HtgH)  # Hᵀ∇H: (L, r, r)
+    rows = _rows(out_groups)
+    HtgH = torch.cat(Ks) if len(Ks) > 1 else Ks[0]
+    gGt = torch.cat([g[0][..., :r] for g in grad_groups]) if len(Ks) > 1 else grad_groups[0][0][..., :r]
+    K = torch.baddbmm(gGt.mT, M.mT, HtgH, beta=2.0)  # 2∇G + Mᵀ(Hᵀ∇H)
     grad_M = -(N.mT @ K @ N.mT)
     Ct = ((grad_M + grad_M.mT) @ M.mT).mul_(-0.5)  # Cᵀ = -½ (∇M + ∇Mᵀ)ᵀ Mᵀ, symmetric part
+    grad_Xt, N2 = grad_M.mT - grad_M, N * -2.0
     # ∇Yᵀ = Cᵀ Hᵀ - 2 N ∇Hᵀ on whole blocks (contiguous GEMM outputs), then ∇Xᵀ in block 0
-    N2 = N * -2.0
-    grad_blocks = [torch.bmm(Ct, o).baddbmm_(N2, g) for o, g in zip(outs, grads, strict=True)]
-    grad_blocks[0][..., :r].copy_(grad_M.mT - grad_M)  # ∇Xᵀ
+    grad_blocks = []
+    for o, g, rs in zip(out_groups, grad_groups, rows, strict=True):
+        group = [torch.bmm(Ct[rs], ok).baddbmm_(N2[rs], gk) for ok, gk in zip(o, g, strict=True)]
+        group[0][..., :r].copy_(grad_Xt[rs])
+        grad_blocks.extend(group)
     return grad_blocks
 
 
 @_cayley_backward_op.register_fake
-def _(saved: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+def _(saved: list[torch.Tensor], grads: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
     return [torch.empty_like(o, memory_format=torch.contiguous_format) for o in saved[2:]]
 
 
 def _setup_context(ctx, inputs, output) -> None:
+    ctx.counts = inputs[1]
     ctx.save_for_backward(*output[-2:], *output[:-2])  # M, N, then the output blocks
 
 
 def _backward(ctx, grads: list) -> tuple:
     M, N, *outs = ctx.saved_tensors
     grads = [torch.zeros_like(o) if g is None else g for g, o in zip(grads[: len(outs)], outs, strict=True)]
-    return (_cayley_backward_op([M, N, *outs], grads),)  # (the gradients of M and N are not used)
+    return _cayley_backward_op([M, N, *outs], grads, ctx.counts), None  # (M and N's gradients: unused)
 
 
 _cayley_op.register_autograd(_backward, setup_context=_setup_context)
@@ -153,27 +188,48 @@ def cayley_transposed(blocks: Sequence[torch.Tensor], *, fused: bool = True) -> 
     Returns the matching column blocks of Cayley(F)ᵀ. This is the form the layers use: Fᵀ of an
     adapter is [Ã, B̃], its parameters as they are, and A, B are the output blocks, so a batch of
     adapters needs one stack per block and no concatenation or transposition. Same precision
-    handling as ``cayley``.
+    handling as ``cayley``. One group of ``cayley_transposed_groups``.
     """
+    return cayley_transposed_groups([blocks], fused=fused)[0]
+
+
+def _check_blocks(blocks: Sequence[torch.Tensor]) -> None:
     if not blocks or blocks[0].dim() < 2 or not 1 <= blocks[0].shape[-2] <= blocks[0].shape[-1]:
         got = tuple(blocks[0].shape) if blocks else "no blocks"
         raise ValueError(f"cayley_transposed expects a first block (..., r, q_0), q_0 >= r >= 1, got {got}")
     if any(b.shape[:-1] != blocks[0].shape[:-1] or b.dtype != blocks[0].dtype for b in blocks):
         got = [(tuple(b.shape), str(b.dtype)) for b in blocks]
         raise ValueError(f"cayley_transposed blocks must share (..., r) and dtype, got {got}")
-    dtype, device = blocks[0].dtype, blocks[0].device
-    work = [b.float() for b in blocks] if dtype in _LOW_PRECISION else list(blocks)
-    lead, r = work[0].shape[:-2], work[0].shape[-2]
-    autocast = torch.is_autocast_enabled(device.type)
-    with torch.autocast(device_type=device.type, enabled=False) if autocast else contextlib.nullcontext():
-        if fused:
-            flat = [b.reshape(-1, r, b.shape[-1]) for b in work]
-            outs = _cayley_op(flat)[: len(flat)]
-            outs = [o.reshape(*lead, r, o.shape[-1]) for o in outs]
-        else:
-            Q = _plain_cayley(torch.cat(work, dim=-1).mT)
-            outs = Q.mT.split([b.shape[-1] for b in work], dim=-1)
-    return tuple(o.to(dtype) for o in outs)
+
+
+def cayley_transposed_groups(
+    groups: Sequence[Sequence[torch.Tensor]], *, fused: bool = True
+) -> list[tuple[torch.Tensor, ...]]:
+    """``cayley_transposed`` of several groups of blocks (each its own batch shape and q_k): the
+    fused path transforms all groups of one rank, dtype and device in one call of the op, so the r×r
+    algebra runs once for them. Returns the output blocks per group."""
+    for blocks in groups:
+        _check_blocks(blocks)
+    parts: dict[tuple, list[int]] = {}  # one op call per (r, dtype, device)
+    for g, blocks in enumerate(groups):
+        parts.setdefault((blocks[0].shape[-2], blocks[0].dtype, blocks[0].device), []).append(g)
+    results: list = [None] * len(groups)
+    for (r, dtype, device), members in parts.items():
+        work = [[b.float() if dtype in _LOW_PRECISION else b for b in groups[g]] for g in members]
+        autocast = torch.is_autocast_enabled(device.type)
+        with torch.autocast(device_type=device.type, enabled=False) if autocast else contextlib.nullcontext():
+            if fused:
+                flat = [b.reshape(-1, r, b.shape[-1]) for blocks in work for b in blocks]
+                outs = iter(_cayley_op(flat, [len(blocks) for blocks in work])[: len(flat)])
+                done = [[next(outs).reshape(b.shape) for b in blocks] for blocks in work]
+            else:
+                done = []
+                for blocks in work:
+                    Q = _plain_cayley(torch.cat(blocks, dim=-1).mT)
+                    done.append(Q.mT.split([b.shape[-1] for b in blocks], dim=-1))
+        for g, outs in zip(members, done, strict=True):
+            results[g] = tuple(o.to(dtype) for o in outs)
+    return results
 
 
 def inverse_cayley(Q: torch.Tensor) -> torch.Tensor:

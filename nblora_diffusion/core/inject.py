@@ -1,13 +1,13 @@
 """The one injection mechanism: wrap matching nn.Linear modules of any model in NBLoRALinear.
 
 Injection also wraps the model's forward so that every adapter's factors are materialised first, in
-batched calls, one per group of layers of the same shape and bound type (``NBLoRALinear.batch_key``),
-instead of one small computation per layer. Besides ``forward`` it adds one attribute to the model,
-``model.nblora_materializer`` (``MATERIALIZER_ATTR``; like diffusers' ``peft_config``): the
-materializer, which holds the model's layers in injection order and their factor cache. Each layer
-keeps the NBLoRAConfig it was injected with (``layer.config``; its resolved bound is the layer's own
-``nblora_delta``), so ``injected_configs`` reads the configs from the layers. ``unload_nblora`` removes
-all of it.
+batches: stacked per group of layers of the same shape and bound type (``NBLoRALinear.batch_key``), the
+Cayley transforms of all groups of one rank in one call, instead of one small computation per layer.
+Besides ``forward`` it adds one attribute to the model, ``model.nblora_materializer``
+(``MATERIALIZER_ATTR``; like diffusers' ``peft_config``): the materializer, which holds the model's layers
+in injection order and their factor cache. Each layer keeps the NBLoRAConfig it was injected with
+(``layer.config``; its resolved bound is the layer's own ``nblora_delta``), so ``injected_configs`` reads
+the configs from the layers. ``unload_nblora`` removes all of it.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def materialize(layers: Sequence[NBLoRALinear], *, scaled: bool = True) -> list[Factors]:
-    """The factors of many adapters: one ``stacked_factors`` call per group of layers with the same
-    ``batch_key()`` (and the same need of a graph), instead of one small computation per layer.
+    """The factors of many adapters: one ``stacked_factors`` call for the groups of layers with the same
+    ``batch_key()`` (one per need of a graph), instead of one small computation per layer.
 
     Factors of layers that need a graph (training) carry one; the others are computed without
     gradients. The per-layer path computes the same values (``NBLoRALinear.compute_factors``).
@@ -55,11 +55,15 @@ def materialize(layers: Sequence[NBLoRALinear], *, scaled: bool = True) -> list[
     for i, layer in enumerate(layers):
         groups[(layer._needs_graph(), layer.batch_key())].append(i)
     factors: list = [None] * len(layers)
-    for (graph, _), members in groups.items():
+    for graph in (True, False):
+        members = [m for (needs, _), m in groups.items() if needs == graph]
+        if not members:
+            continue
         with torch.set_grad_enabled(graph):
-            A, B = stacked_factors([layers[i] for i in members], scaled=scaled)
-        for i, A_i, B_i in zip(members, A.unbind(0), B.unbind(0), strict=True):
-            factors[i] = (A_i, B_i)
+            stacks = stacked_factors([[layers[i] for i in m] for m in members], scaled=scaled)
+        for group, (A, B) in zip(members, stacks, strict=True):
+            for i, A_i, B_i in zip(group, A.unbind(0), B.unbind(0), strict=True):
+                factors[i] = (A_i, B_i)
     return factors
 
 

@@ -5,7 +5,7 @@ Both parameterizations reduce to three factors, W = P_out · diag(g) · P_inᵀ:
   I  (paper §3.2):           P_in = Cayley(Ṽ), P_out = Cayley(Ũ), g = clamp(d̃, -s, s).
 The layer works with them as the LoRA pair W = lora_B · lora_A, lora_A = P_inᵀ (r, in) with orthonormal
 rows and lora_B = P_out · diag(g) (out, r): forward, delta_weight, merge and export all go through it.
-``stacked_factors`` computes the pair for a batch of layers at once; a single layer is a batch of one.
+``stacked_factors`` computes the pair for groups of layers at once; a single layer is a group of one.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 from ..formats import p_label
 from .bounds import bound_vector, check_delta, fit_bound, parse_p, project_to_ball, s_tilde_for, schatten_norm
 from .cache import FactorCache, Frozen, watch_optimizer_steps
-from .cayley import cayley_sign_flip, cayley_transposed, inverse_cayley
+from .cayley import cayley_sign_flip, cayley_transposed_groups, inverse_cayley
 from .config import NBLoRAConfig, check_dropout, check_parameterization, check_rank
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # lora_A (r, n), lora_B (m, r): W = lora_B @ lora_A
@@ -30,33 +30,45 @@ def _forget_after_load(layer: NBLoRALinear, incompatible_keys) -> None:
     layer.forget_factors()  # load_state_dict post-hook: the tensors hold new values
 
 
-def stacked_factors(layers: Sequence[NBLoRALinear], *, scaled: bool = True, fused: bool = True) -> Factors:
-    """lora_A (L, r, n) and lora_B (L, m, r) of L layers sharing ``batch_key()``.
+def stacked_factors(
+    groups: Sequence[Sequence[NBLoRALinear]], *, scaled: bool = True, fused: bool = True
+) -> list[Factors]:
+    """lora_A (L, r, n) and lora_B (L, m, r) of each group of L layers sharing ``batch_key()``.
 
-    Every tensor of the computation is a stack over the layers: one Cayley call per factor for the
-    whole batch (II: [Ã, B̃] -> [A, B]; I: Ũᵀ and Ṽᵀ), the bounds, the gains and the product with them.
-    ``scaled``: lora_B includes the slider (each layer's ``nblora_scale``). ``fused=False`` uses the
-    plain-autograd Cayley (a reference for tests).
+    Every tensor of the computation is a stack over a group's layers: its Cayley inputs (II: [Ã, B̃];
+    I: Ũᵀ and Ṽᵀ), the bounds, the gains and the product with them; the Cayley transforms of all
+    groups of one rank run in one call (``cayley_transposed_groups``). ``scaled``: lora_B includes the
+    slider (each layer's ``nblora_scale``). ``fused=False`` uses the plain-autograd Cayley (a reference
+    for tests).
     """
-    first = layers[0]
 
-    def stack(name: str) -> torch.Tensor:  # a layer alone: a view, no copy
+    def stack(layers: Sequence[NBLoRALinear], name: str) -> torch.Tensor:  # a layer alone: a view
         if len(layers) == 1:
-            return getattr(first, name).unsqueeze(0)
+            return getattr(layers[0], name).unsqueeze(0)
         return torch.stack([getattr(layer, name) for layer in layers])
 
-    s = bound_vector(stack("nblora_s"), first.p, stack("nblora_delta").unsqueeze(-1))  # (L, r)
-    if first.parameterization == "II":
-        A, B = cayley_transposed([stack("nblora_A"), stack("nblora_B")], fused=fused)  # (L, r, n), (L, r, m)
-        P_in_t, P_out_t, g = A, B, 2.0 * s  # lora_A = A, lora_B = Bᵀ·2S
-    else:
-        (Ut,) = cayley_transposed([stack("nblora_U").mT], fused=fused)  # Uᵀ (L, r, m)
-        (Vt,) = cayley_transposed([stack("nblora_V").mT], fused=fused)  # Vᵀ (L, r, n)
-        d = stack("nblora_d")
-        P_in_t, P_out_t, g = Vt, Ut, torch.minimum(torch.maximum(d, -s), s)  # d projected into [-s, s]
-    if scaled:
-        g = g * stack("nblora_scale").unsqueeze(-1)
-    return P_in_t, (P_out_t * g.unsqueeze(-1)).mT  # lora_B = P_out·diag(g)
+    inputs = []
+    for layers in groups:
+        if layers[0].parameterization == "II":
+            inputs.append([stack(layers, "nblora_A"), stack(layers, "nblora_B")])  # [Ã, B̃] -> [A, B]
+        else:
+            inputs += [[stack(layers, "nblora_U").mT], [stack(layers, "nblora_V").mT]]  # Uᵀ, Vᵀ
+    outs = iter(cayley_transposed_groups(inputs, fused=fused))
+    factors = []
+    for layers in groups:
+        first = layers[0]
+        s = bound_vector(stack(layers, "nblora_s"), first.p, stack(layers, "nblora_delta").unsqueeze(-1))
+        if first.parameterization == "II":
+            P_in_t, P_out_t = next(outs)  # lora_A = A, lora_B = Bᵀ·2S
+            g = 2.0 * s
+        else:
+            ((P_out_t,), (P_in_t,)) = next(outs), next(outs)  # Uᵀ (L, r, m), Vᵀ (L, r, n)
+            d = stack(layers, "nblora_d")
+            g = torch.minimum(torch.maximum(d, -s), s)  # d projected into [-s, s]
+        if scaled:
+            g = g * stack(layers, "nblora_scale").unsqueeze(-1)
+        factors.append((P_in_t, (P_out_t * g.unsqueeze(-1)).mT))  # lora_B = P_out·diag(g)
+    return factors
 
 
 class NBLoRALinear(nn.Module):
@@ -116,7 +128,7 @@ class NBLoRALinear(nn.Module):
         return float(self.nblora_delta)
 
     def batch_key(self) -> tuple:
-        """Layers with equal keys compute their factors in one ``stacked_factors`` call."""
+        """Layers with equal keys form one group of ``stacked_factors``."""
         s = self.nblora_s
         return (
             self.parameterization,
@@ -130,7 +142,7 @@ class NBLoRALinear(nn.Module):
 
     def compute_factors(self, *, scaled: bool = True, fused: bool = True) -> Factors:
         """(lora_A, lora_B) of this layer alone: a batch of one (see ``stacked_factors``)."""
-        A, B = stacked_factors([self], scaled=scaled, fused=fused)
+        ((A, B),) = stacked_factors([[self]], scaled=scaled, fused=fused)
         return A[0], B[0]
 
     def _needs_graph(self) -> bool:
