@@ -52,7 +52,7 @@ def _fused_forward(groups: Sequence[Sequence[torch.Tensor]]) -> tuple[list, torc
         for Yt in Yts[1:]:
             M.baddbmm_(Yt, Yt.mT)  # + Y_kᵀ Y_k
         Ms.append(M)
-    M = _add_identity(torch.cat(Ms) if len(Ms) > 1 else Ms[0])
+    M = _add_identity(torch.cat(Ms))
     LU, pivots, _ = torch.linalg.lu_factor_ex(M)  # never singular: σ_min(M) >= 1
     eye = torch.eye(r, dtype=M.dtype, device=M.device).expand_as(M)
     N = torch.linalg.lu_solve(LU, pivots, eye)  # (ΣL, r, r)
@@ -112,22 +112,20 @@ def _cayley_backward_op(
     M, N, *outs = saved
     r = M.shape[-1]
     out_groups, grad_groups = _split(outs, counts), _split(grads, counts)
-    Ks = []
-    for o, g in zip(out_groups, grad_groups, strict=True):
-        HtgH = sum(
-            Ht @ gHt.mT for Ht, gHt in zip([o[0][..., r:], *o[1:]], [g[0][..., r:], *g[1:]], strict=True)
-        )
-        Ks.append(HtgH)  # Hᵀ∇H: (L, r, r)
-    rows = _rows(out_groups)
-    HtgH = torch.cat(Ks) if len(Ks) > 1 else Ks[0]
-    gGt = torch.cat([g[0][..., :r] for g in grad_groups]) if len(Ks) > 1 else grad_groups[0][0][..., :r]
+    HtgH = torch.cat(
+        [
+            sum(Ht @ gHt.mT for Ht, gHt in zip([o[0][..., r:], *o[1:]], [g[0][..., r:], *g[1:]], strict=True))
+            for o, g in zip(out_groups, grad_groups, strict=True)
+        ]
+    )  # Hᵀ∇H of every group: (ΣL, r, r)
+    gGt = torch.cat([g[0][..., :r] for g in grad_groups])  # ∇Gᵀ
     K = torch.baddbmm(gGt.mT, M.mT, HtgH, beta=2.0)  # 2∇G + Mᵀ(Hᵀ∇H)
     grad_M = -(N.mT @ K @ N.mT)
     Ct = ((grad_M + grad_M.mT) @ M.mT).mul_(-0.5)  # Cᵀ = -½ (∇M + ∇Mᵀ)ᵀ Mᵀ, symmetric part
     grad_Xt, N2 = grad_M.mT - grad_M, N * -2.0
     # ∇Yᵀ = Cᵀ Hᵀ - 2 N ∇Hᵀ on whole blocks (contiguous GEMM outputs), then ∇Xᵀ in block 0
     grad_blocks = []
-    for o, g, rs in zip(out_groups, grad_groups, rows, strict=True):
+    for o, g, rs in zip(out_groups, grad_groups, _rows(out_groups), strict=True):
         group = [torch.bmm(Ct[rs], ok).baddbmm_(N2[rs], gk) for ok, gk in zip(o, g, strict=True)]
         group[0][..., :r].copy_(grad_Xt[rs])
         grad_blocks.extend(group)
