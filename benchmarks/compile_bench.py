@@ -5,8 +5,8 @@ on the adapter (torch's default loop, or its fused kernel with ``--optimizer ada
 stays eager, the UNet is compiled with ``torch.compile(unet)``, inductor by default). Both adapters wrap
 the attention projections (to_q, to_k, to_v, to_out.0) at the same rank: NB-LoRA with p = 2, δ = 1 (its
 batched Cayley transforms run inside the compiled graph), PEFT LoRA with lora_alpha = rank, adapters in
-float32. UNets: the tiny SD's layout (default; 2 cross-attention blocks,
-8 attention projections per block pair) or the SD1.5 architecture (``--unet sd15``, random weights).
+float32. UNets: the tiny SD's layout (default; 2 cross-attention blocks, 8 attention projections per block
+pair) or the SD1.5 architecture (``--unet sd15``, random weights).
 
 Compile time: the first compiled step minus an eager step (inductor's caches disabled, and one throwaway
 compile first so that neither adapter pays for loading inductor). Step times: the fastest of ``--steps``
