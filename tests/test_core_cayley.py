@@ -230,6 +230,7 @@ def test_fused_cayley_ops_pass_the_custom_op_checks():
     blocks = [torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True) for shape in shapes]
     torch.library.opcheck(torch.ops.nblora.cayley.default, (blocks, counts))
     *outs, M, N = torch.ops.nblora.cayley.default([b.detach() for b in blocks], counts)
-    assert M.shape == N.shape == (5, 4, 4)
+    assert M.shape == N.shape == (5, 4, 4) and [o.shape for o in outs] == [(3, 4, 14), (2, 4, 6)]
     grads = [torch.randn(o.shape, dtype=o.dtype, generator=gen) for o in outs]
-    torch.library.opcheck(torch.ops.nblora.cayley_backward.default, ([M, N, *outs], grads, counts))
+    widths = [shape[-1] for shape in shapes]
+    torch.library.opcheck(torch.ops.nblora.cayley_backward.default, ([M, N, *outs], grads, widths, counts))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+from collections import defaultdict
 
 import pytest
 import torch
@@ -258,6 +259,19 @@ def test_batched_pass_runs_one_cayley_per_group_of_layers(cayley_calls):
     # (L, q, r), one call per layer shape: to_q/to_out (8 -> 8) x 4 layers, to_k/to_v (6 -> 8) x 4,
     # context_proj (8 -> 6, the same q = 14 split the other way), block 2: 24 and 18
     assert sorted(cayley_calls) == sorted([(4, 16, 3), (4, 14, 3), (1, 14, 3), (2, 24, 3), (2, 18, 3)])
+
+
+def test_each_group_gets_one_gradient_buffer_and_no_per_layer_copy():
+    """The adapters' gradients are slices of one contiguous gradient per group and block of the batched
+    pass, which autograd takes as they are; a gradient in another layout (a strided view of a bigger
+    one, say) would be copied for every parameter at every step."""
+    model = injected(CONFIGS[0])
+    model(*inputs()).square().sum().backward()
+    storages = defaultdict(set)
+    for _, layer in nblora_layers(model):
+        for name in ("nblora_A", "nblora_B"):
+            storages[layer.batch_key(), name].add(getattr(layer, name).grad.untyped_storage().data_ptr())
+    assert len(storages) == 10 and all(len(ptrs) == 1 for ptrs in storages.values())
 
 
 def test_no_grad_forward_fills_and_then_reuses_the_cache_in_batches(cayley_calls):

@@ -5,10 +5,11 @@ Z = X - Xᵀ + YᵀY, M = I + Z, N = M⁻¹ and
 
     Cayley(F) = [G; H] = [(I - Z) N; -2 Y N] = [2N - I; -2 Y N],
 
-which is semi-orthogonal (GᵀG + HᵀH = I) for every F. The fused path LU-factors M once and forms
-N from the factors. Forming the inverse is safe here: the symmetric part of M is I + YᵀY ⪰ I, so
-every singular value of M is >= 1 and ‖N‖ <= 1. With N in hand every q-sized product of the forward
-and the backward is a GEMM rather than a triangular solve with q right-hand sides.
+which is semi-orthogonal (GᵀG + HᵀH = I) for every F. The fused path forms N = M⁻¹ (one batched
+inversion for all the r×r matrices of a call). Forming the inverse is safe here: the symmetric part
+of M is I + YᵀY ⪰ I, so every singular value of M is >= 1 and ‖N‖ <= 1. With N in hand every
+q-sized product of the forward and the backward is a GEMM rather than a triangular solve with q
+right-hand sides.
 """
 
 from __future__ import annotations
@@ -28,44 +29,15 @@ def _add_identity(A: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     return A
 
 
-def _split(blocks: Sequence[torch.Tensor], counts: Sequence[int]) -> list[Sequence[torch.Tensor]]:
-    """The flat block list of the op, back into its groups (``counts[g]`` blocks each)."""
-    ends = itertools.accumulate(counts)
-    return [blocks[end - n : end] for n, end in zip(counts, ends, strict=True)]
+def _split(blocks: Sequence, counts: Sequence[int]) -> list[Sequence]:
+    """A flat list of the op, back into its groups (``counts[g]`` items each)."""
+    return [blocks[end - n : end] for n, end in zip(counts, itertools.accumulate(counts), strict=True)]
 
 
-def _rows(groups: Sequence[Sequence[torch.Tensor]]) -> list[slice]:
-    """Each group's rows in the stacked r×r matrices (M, N) of all groups."""
-    sizes = [blocks[0].shape[0] for blocks in groups]
+def _slices(sizes: Sequence[int]) -> list[slice]:
+    """Consecutive slices of these sizes: the columns of side-by-side blocks, or each group's rows in
+    the stacked r×r matrices (M, N) of all groups."""
     return [slice(end - n, end) for n, end in zip(sizes, itertools.accumulate(sizes), strict=True)]
-
-
-def _fused_forward(groups: Sequence[Sequence[torch.Tensor]]) -> tuple[list, torch.Tensor, torch.Tensor]:
-    """The fused forward: per group, (L_g, r, q_k) blocks of Fᵀ; the output blocks of Qᵀ per group,
-    and M, N of all groups stacked (ΣL_g, r, r): the r×r algebra runs once for every group."""
-    r = groups[0][0].shape[-2]
-    Ms = []
-    for blocks in groups:
-        Xt = blocks[0][..., :r]  # Xᵀ: (L, r, r)
-        Yts = [blocks[0][..., r:], *blocks[1:]]  # row blocks of Y, transposed: (L, r, q_k)
-        M = torch.baddbmm(Xt.mT - Xt, Yts[0], Yts[0].mT)  # X - Xᵀ + Y_0ᵀ Y_0, contiguous
-        for Yt in Yts[1:]:
-            M.baddbmm_(Yt, Yt.mT)  # + Y_kᵀ Y_k
-        Ms.append(M)
-    M = _add_identity(torch.cat(Ms))
-    LU, pivots, _ = torch.linalg.lu_factor_ex(M)  # never singular: σ_min(M) >= 1
-    eye = torch.eye(r, dtype=M.dtype, device=M.device).expand_as(M)
-    N = torch.linalg.lu_solve(LU, pivots, eye)  # (ΣL, r, r)
-    # Hᵀ = -2 Nᵀ Yᵀ: (L, r, r) @ (L, r, q_k), on whole blocks so that every GEMM writes a
-    # contiguous tensor; the first r columns of block 0 (Gᵀ's place) are then overwritten by a
-    # copy, never an `out=` into that strided view (torch.compile cannot trace one)
-    Nt2, Gt = N.mT * -2.0, _add_identity(N.mT * 2.0, -1.0)  # Gᵀ = 2Nᵀ - I
-    outs = []
-    for blocks, rows in zip(groups, _rows(groups), strict=True):
-        group = [torch.bmm(Nt2[rows], T) for T in blocks]
-        group[0][..., :r].copy_(Gt[rows])
-        outs.append(group)
-    return outs, M, N
 
 
 # The fused transform is a pair of custom ops, each opaque to torch.compile: a compiled graph calls
@@ -73,15 +45,15 @@ def _fused_forward(groups: Sequence[Sequence[torch.Tensor]]) -> tuple[list, torc
 # algebra inside, which would cost compile time for no speed-up.
 @torch.library.custom_op("nblora::cayley", mutates_args=())
 def _cayley_op(blocks: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
-    """Cayley transforms of several (L_g, q_g, r) batches at once, each given as column blocks of Fᵀ:
-    the forward op, with a hand-written backward op (paper Appendix C).
+    """Cayley transforms of several batches at once, each given as column blocks of Fᵀ: the forward
+    op, with a hand-written backward op (paper Appendix C).
 
     Input: the blocks of every group in one list, ``counts[g]`` of them for group g; a group's blocks
     T_k have shape (L_g, r, q_k) with Fᵀ = [T_0, T_1, ...] and q_0 >= r (for adapters the blocks are
-    their parameters Ã (r, n) and B̃ (r, m) themselves, stacked over the layers of one shape). Output:
-    the blocks of Qᵀ = [G; H]ᵀ with the same shapes, then M and N of all groups. Working on Fᵀ keeps
-    every q-sized operand row-major with unit stride and needs no concatenation of the blocks; the
-    r×r algebra (M's factorisation, N, and the backward's r×r products) runs once for all groups.
+    their parameters Ã (r, n) and B̃ (r, m), stacked over the layers of one shape). Output: Qᵀ =
+    [G; H]ᵀ of each group (L_g, r, q_g), then M and N of all groups stacked (ΣL_g, r, r): the r×r
+    algebra (M's inverse and the backward's r×r products) runs once for all groups, and every q-sized
+    product is one batched GEMM per group on row-major operands of unit stride.
 
     Derivation, with the sign of the paper's first ∇Y term corrected. With G = 2N - I, H = -2YN:
         dL = <∇G, 2 dN> + <∇H, -2 dY N - 2 Y dN>,   dN = -N dM N,   dM = dX - dXᵀ + dYᵀY + YᵀdY.
@@ -89,63 +61,79 @@ def _cayley_op(blocks: list[torch.Tensor], counts: list[int]) -> list[torch.Tens
         ∇X = ∇M - ∇Mᵀ,
         ∇Y = Y (∇M + ∇Mᵀ) - 2 ∇H Nᵀ.
     Y is not saved: Y = -½ H M, so -2Yᵀ∇H = Mᵀ (Hᵀ∇H) and Y (∇M + ∇Mᵀ) = H C with
-    C = -½ M (∇M + ∇Mᵀ). Only the output blocks and the r×r matrices M, N are kept for backward;
-    its q-sized products (Hᵀ∇H, Cᵀ Hᵀ, N ∇Hᵀ) are GEMMs.
+    C = -½ M (∇M + ∇Mᵀ). Only Qᵀ and the r×r matrices M, N are kept for backward; its q-sized
+    products (Hᵀ∇H, Cᵀ Hᵀ, N ∇Hᵀ) are GEMMs.
     """
-    outs, M, N = _fused_forward(_split(blocks, counts))
-    return [o for group in outs for o in group] + [M, N.contiguous()]  # M, N: kept for the backward
+    Fts = [torch.cat(group, dim=-1) if len(group) > 1 else group[0] for group in _split(blocks, counts)]
+    r = Fts[0].shape[-2]
+    Ms = []
+    for Ft in Fts:
+        Xt, Yt = Ft[..., :r], Ft[..., r:]  # Xᵀ (L, r, r), Yᵀ (L, r, q - r)
+        Ms.append(torch.baddbmm(Xt.mT - Xt, Yt, Yt.mT))  # X - Xᵀ + YᵀY
+    M = _add_identity(torch.cat(Ms))
+    N = torch.linalg.inv_ex(M).inverse.contiguous()  # never singular: σ_min(M) >= 1
+    # Qᵀ = -2 Nᵀ Fᵀ on the whole of Fᵀ, so that every GEMM writes a contiguous tensor; its first r
+    # columns (Gᵀ's place) are then overwritten by a copy, never an `out=` into that strided view
+    # (torch.compile cannot trace one)
+    Nt2, Gt = N.mT * -2.0, _add_identity(N.mT * 2.0, -1.0)  # Gᵀ = 2Nᵀ - I
+    Qts = []
+    for Ft, rows in zip(Fts, _slices([Ft.shape[0] for Ft in Fts]), strict=True):
+        Qt = torch.bmm(Nt2[rows], Ft)
+        Qt[..., :r].copy_(Gt[rows])
+        Qts.append(Qt)
+    return [*Qts, M, N]  # M, N: kept for the backward
 
 
 @_cayley_op.register_fake
 def _(blocks: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
-    L, r = sum(group[0].shape[0] for group in _split(blocks, counts)), blocks[0].shape[-2]
-    return [torch.empty_like(b, memory_format=torch.contiguous_format) for b in blocks] + [
-        blocks[0].new_empty(L, r, r) for _ in range(2)
-    ]
+    groups = _split(blocks, counts)
+    L, r = sum(group[0].shape[0] for group in groups), blocks[0].shape[-2]
+    Qts = [group[0].new_empty(*group[0].shape[:-1], sum(b.shape[-1] for b in group)) for group in groups]
+    return [*Qts, blocks[0].new_empty(L, r, r), blocks[0].new_empty(L, r, r)]
 
 
 @torch.library.custom_op("nblora::cayley_backward", mutates_args=())
 def _cayley_backward_op(
-    saved: list[torch.Tensor], grads: list[torch.Tensor], counts: list[int]
+    saved: list[torch.Tensor], grads: list[torch.Tensor], widths: list[int], counts: list[int]
 ) -> list[torch.Tensor]:
-    """The gradients of the blocks of Fᵀ from M, N, the output blocks and their gradients."""
-    M, N, *outs = saved
+    """The gradients of the blocks of Fᵀ (``widths``: their q_k, ``counts[g]`` of them for group g)
+    from M, N, the outputs Qᵀ_g and their gradients."""
+    M, N, *Qts = saved
     r = M.shape[-1]
-    out_groups, grad_groups = _split(outs, counts), _split(grads, counts)
-    HtgH = torch.cat(
-        [
-            sum(Ht @ gHt.mT for Ht, gHt in zip([o[0][..., r:], *o[1:]], [g[0][..., r:], *g[1:]], strict=True))
-            for o, g in zip(out_groups, grad_groups, strict=True)
-        ]
-    )  # Hᵀ∇H of every group: (ΣL, r, r)
-    gGt = torch.cat([g[0][..., :r] for g in grad_groups])  # ∇Gᵀ
+    HtgH = torch.cat([torch.bmm(Qt[..., r:], gQt[..., r:].mT) for Qt, gQt in zip(Qts, grads, strict=True)])
+    gGt = torch.cat([gQt[..., :r] for gQt in grads])  # ∇Gᵀ of every group: (ΣL, r, r)
     K = torch.baddbmm(gGt.mT, M.mT, HtgH, beta=2.0)  # 2∇G + Mᵀ(Hᵀ∇H)
-    grad_M = -(N.mT @ K @ N.mT)
-    Ct = ((grad_M + grad_M.mT) @ M.mT).mul_(-0.5)  # Cᵀ = -½ (∇M + ∇Mᵀ)ᵀ Mᵀ, symmetric part
+    grad_M = torch.bmm(torch.bmm(N.mT, K), N.mT).neg_()
+    Ct = torch.bmm(grad_M + grad_M.mT, M.mT).mul_(-0.5)  # Cᵀ = -½ (∇M + ∇Mᵀ)ᵀ Mᵀ, symmetric part
     grad_Xt, N2 = grad_M.mT - grad_M, N * -2.0
-    # ∇Yᵀ = Cᵀ Hᵀ - 2 N ∇Hᵀ on whole blocks (contiguous GEMM outputs), then ∇Xᵀ in block 0
+    # ∇Yᵀ = Cᵀ Hᵀ - 2 N ∇Hᵀ block by block: contiguous GEMM outputs in the layout of the parameters
+    # they are the gradients of (autograd would copy a strided view of one (L, r, q) gradient for
+    # every layer), then ∇Xᵀ in block 0's first r columns
     grad_blocks = []
-    for o, g, rs in zip(out_groups, grad_groups, _rows(out_groups), strict=True):
-        group = [torch.bmm(Ct[rs], ok).baddbmm_(N2[rs], gk) for ok, gk in zip(o, g, strict=True)]
-        group[0][..., :r].copy_(grad_Xt[rs])
-        grad_blocks.extend(group)
+    rows_of = _slices([Qt.shape[0] for Qt in Qts])
+    for Qt, gQt, rows, ws in zip(Qts, grads, rows_of, _split(widths, counts), strict=True):
+        group = [torch.bmm(Ct[rows], Qt[..., c]).baddbmm_(N2[rows], gQt[..., c]) for c in _slices(ws)]
+        group[0][..., :r].copy_(grad_Xt[rows])
+        grad_blocks += group
     return grad_blocks
 
 
 @_cayley_backward_op.register_fake
-def _(saved: list[torch.Tensor], grads: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
-    return [torch.empty_like(o, memory_format=torch.contiguous_format) for o in saved[2:]]
+def _(saved: list[torch.Tensor], grads: list[torch.Tensor], widths: list[int], counts: list[int]):
+    Qts = [Qt for Qt, count in zip(saved[2:], counts, strict=True) for _ in range(count)]
+    return [Qt.new_empty(*Qt.shape[:-1], width) for Qt, width in zip(Qts, widths, strict=True)]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.counts = inputs[1]
-    ctx.save_for_backward(*output[-2:], *output[:-2])  # M, N, then the output blocks
+    ctx.widths, ctx.counts = [b.shape[-1] for b in inputs[0]], inputs[1]
+    ctx.save_for_backward(*output[-2:], *output[:-2])  # M, N, then the Qᵀ_g
 
 
 def _backward(ctx, grads: list) -> tuple:
-    M, N, *outs = ctx.saved_tensors
-    grads = [torch.zeros_like(o) if g is None else g for g, o in zip(grads[: len(outs)], outs, strict=True)]
-    return _cayley_backward_op([M, N, *outs], grads, ctx.counts), None  # (M and N's gradients: unused)
+    M, N, *Qts = ctx.saved_tensors
+    grads = [torch.zeros_like(Qt) if g is None else g for g, Qt in zip(grads[: len(Qts)], Qts, strict=True)]
+    grad_blocks = _cayley_backward_op([M, N, *Qts], grads, ctx.widths, ctx.counts)
+    return grad_blocks, None  # (M and N's gradients: unused)
 
 
 _cayley_op.register_autograd(_backward, setup_context=_setup_context)
@@ -184,9 +172,9 @@ def cayley_transposed(blocks: Sequence[torch.Tensor], *, fused: bool = True) -> 
     """``cayley`` on Fᵀ given as column blocks: Fᵀ = [T_0, T_1, ...], T_k of shape (..., r, q_k), q_0 >= r.
 
     Returns the matching column blocks of Cayley(F)ᵀ. This is the form the layers use: Fᵀ of an
-    adapter is [Ã, B̃], its parameters as they are, and A, B are the output blocks, so a batch of
-    adapters needs one stack per block and no concatenation or transposition. Same precision
-    handling as ``cayley``. One group of ``cayley_transposed_groups``.
+    adapter is [Ã, B̃], its parameters as they are, and A, B are the output blocks (views of one
+    Qᵀ), so a batch of adapters needs no transposition. Same precision handling as ``cayley``. One
+    group of ``cayley_transposed_groups``.
     """
     return cayley_transposed_groups([blocks], fused=fused)[0]
 
@@ -198,6 +186,12 @@ def _check_blocks(blocks: Sequence[torch.Tensor]) -> None:
     if any(b.shape[:-1] != blocks[0].shape[:-1] or b.dtype != blocks[0].dtype for b in blocks):
         got = [(tuple(b.shape), str(b.dtype)) for b in blocks]
         raise ValueError(f"cayley_transposed blocks must share (..., r) and dtype, got {got}")
+
+
+def _blocks_of(Qt: torch.Tensor, blocks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Qᵀ in the column blocks of the input, as views (one block: Qᵀ itself, whose gradient then
+    needs no concatenation)."""
+    return (Qt,) if len(blocks) == 1 else Qt.split([b.shape[-1] for b in blocks], dim=-1)
 
 
 def cayley_transposed_groups(
@@ -218,13 +212,13 @@ def cayley_transposed_groups(
         with torch.autocast(device_type=device.type, enabled=False) if autocast else contextlib.nullcontext():
             if fused:
                 flat = [b.reshape(-1, r, b.shape[-1]) for blocks in work for b in blocks]
-                outs = iter(_cayley_op(flat, [len(blocks) for blocks in work])[: len(flat)])
-                done = [[next(outs).reshape(b.shape) for b in blocks] for blocks in work]
+                Qts = _cayley_op(flat, [len(blocks) for blocks in work])[: len(work)]
             else:
-                done = []
-                for blocks in work:
-                    Q = _plain_cayley(torch.cat(blocks, dim=-1).mT)
-                    done.append(Q.mT.split([b.shape[-1] for b in blocks], dim=-1))
+                Qts = [_plain_cayley(torch.cat(blocks, dim=-1).mT).mT for blocks in work]
+        done = [
+            _blocks_of(Qt.reshape(*blocks[0].shape[:-1], Qt.shape[-1]), blocks)
+            for Qt, blocks in zip(Qts, work, strict=True)
+        ]
         for g, outs in zip(members, done, strict=True):
             results[g] = tuple(o.to(dtype) for o in outs)
     return results
