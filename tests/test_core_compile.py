@@ -159,7 +159,7 @@ def test_slider_moves_without_recompiling(factory):
 
 @pytest.mark.slow
 def test_inductor_compiled_training_step_matches_eager():
-    """The default backend (inductor's generated code, LU factorisation included) on the tiny ViT."""
+    """The default backend (inductor's generated code around the opaque Cayley ops) on the tiny ViT."""
     model, args, loss_fn = make(vit)
     twin = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True)
