@@ -105,6 +105,16 @@ def test_compiled_model_is_one_graph_with_the_batched_cayley_inside(factory, gra
     # the groups of one rank share one call of the fused Cayley op, in the graph
     nodes = [n for n in report.graphs[0].graph.nodes if str(n.target).startswith("nblora.cayley.")]
     assert len(nodes) == cayley_calls(model)
+    # a group's stacks are one opaque op each (inductor would write a loop per layer for torch.stack)
+    targets = [str(n.target) for n in report.graphs[0].graph.nodes if n.op == "call_function"]
+    assert "nblora.stack.default" in targets and not [t for t in targets if "method stack" in t]
+
+
+def test_stack_op_passes_the_custom_op_checks():
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(3)]
+    torch.library.opcheck(torch.ops.nblora.stack.default, (tensors,))
+    assert torch.equal(torch.ops.nblora.stack.default(tensors), torch.stack(tensors))
 
 
 def train_steps(model, args, loss_fn, compiled, steps: int = 3, accumulation: int = 2) -> list:
