@@ -31,8 +31,8 @@ def _forget_after_load(layer: NBLoRALinear, incompatible_keys) -> None:
 
 
 # Inside a compiled graph a group's stacks are one opaque op: inductor would generate a loop per layer
-# for each (on CPU, thousands of lines of C++ for a UNet's adapters: a fifth of its compile time), to
-# run what one ATen call does. Its backward is an unbind: views, no kernel.
+# for each (on CPU, thousands of lines of C++ for the tiny UNet's adapters: a tenth of its compile
+# time), to run what one ATen call does. Its backward is an unbind: views, no kernel.
 @torch.library.custom_op("nblora::stack", mutates_args=())
 def _stack_op(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(tensors)
