@@ -105,16 +105,25 @@ def test_compiled_model_is_one_graph_with_the_batched_cayley_inside(factory, gra
     # the groups of one rank share one call of the fused Cayley op, in the graph
     nodes = [n for n in report.graphs[0].graph.nodes if str(n.target).startswith("nblora.cayley.")]
     assert len(nodes) == cayley_calls(model)
-    # a group's stacks are one opaque op each (inductor would write a loop per layer for torch.stack)
+    # all stacks of the batched pass are one call of an opaque op (inductor would write a loop per
+    # layer for torch.stack)
     targets = [str(n.target) for n in report.graphs[0].graph.nodes if n.op == "call_function"]
-    assert "nblora.stack.default" in targets and not [t for t in targets if "method stack" in t]
+    assert targets.count("nblora.stack.default") == 1 and not [t for t in targets if "method stack" in t]
 
 
 def test_stack_op_passes_the_custom_op_checks():
     gen = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(3)]
-    torch.library.opcheck(torch.ops.nblora.stack.default, (tensors,))
-    assert torch.equal(torch.ops.nblora.stack.default(tensors), torch.stack(tensors))
+    runs = [
+        [torch.randn(shape, dtype=torch.float64, generator=gen, requires_grad=grad) for _ in range(n)]
+        for shape, n, grad in (((4, 6), 3, True), ((), 2, False), ((5,), 1, True))
+    ]
+    args = ([t for run in runs for t in run], [len(run) for run in runs])
+    torch.library.opcheck(torch.ops.nblora.stack.default, args)
+    out = torch.ops.nblora.stack.default(*args)
+    assert len(out) == 3 and all(torch.equal(o, torch.stack(run)) for o, run in zip(out, runs, strict=True))
+    sum((o * (i + 1)).sum() for i, o in enumerate(out)).backward()  # each input's gradient from its own stack
+    assert torch.equal(runs[0][1].grad, torch.ones(4, 6, dtype=torch.float64))
+    assert torch.equal(runs[2][0].grad, torch.full((5,), 3.0, dtype=torch.float64))
 
 
 def train_steps(model, args, loss_fn, compiled, steps: int = 3, accumulation: int = 2) -> list:

@@ -29,8 +29,8 @@ def _add_identity(A: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     return A
 
 
-def _split(blocks: Sequence, counts: Sequence[int]) -> list[Sequence]:
-    """A flat list of the op, back into its groups (``counts[g]`` items each)."""
+def split_runs(blocks: Sequence, counts: Sequence[int]) -> list[Sequence]:
+    """A flat list back into its consecutive runs (``counts[g]`` items for run g)."""
     return [blocks[end - n : end] for n, end in zip(counts, itertools.accumulate(counts), strict=True)]
 
 
@@ -64,7 +64,7 @@ def _cayley_op(blocks: list[torch.Tensor], counts: list[int]) -> list[torch.Tens
     C = -½ M (∇M + ∇Mᵀ). Only Qᵀ and the r×r matrices M, N are kept for backward; its q-sized
     products (Hᵀ∇H, Cᵀ Hᵀ, N ∇Hᵀ) are GEMMs.
     """
-    Fts = [torch.cat(group, dim=-1) if len(group) > 1 else group[0] for group in _split(blocks, counts)]
+    Fts = [torch.cat(group, dim=-1) if len(group) > 1 else group[0] for group in split_runs(blocks, counts)]
     r = Fts[0].shape[-2]
     Ms = []
     for Ft in Fts:
@@ -86,7 +86,7 @@ def _cayley_op(blocks: list[torch.Tensor], counts: list[int]) -> list[torch.Tens
 
 @_cayley_op.register_fake
 def _(blocks: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
-    groups = _split(blocks, counts)
+    groups = split_runs(blocks, counts)
     L, r = sum(group[0].shape[0] for group in groups), blocks[0].shape[-2]
     Qts = [group[0].new_empty(*group[0].shape[:-1], sum(b.shape[-1] for b in group)) for group in groups]
     return [*Qts, blocks[0].new_empty(L, r, r), blocks[0].new_empty(L, r, r)]
@@ -111,7 +111,7 @@ def _cayley_backward_op(
     # every layer), then ∇Xᵀ in block 0's first r columns
     grad_blocks = []
     rows_of = _slices([Qt.shape[0] for Qt in Qts])
-    for Qt, gQt, rows, ws in zip(Qts, grads, rows_of, _split(widths, counts), strict=True):
+    for Qt, gQt, rows, ws in zip(Qts, grads, rows_of, split_runs(widths, counts), strict=True):
         group = [torch.bmm(Ct[rows], Qt[..., c]).baddbmm_(N2[rows], gQt[..., c]) for c in _slices(ws)]
         group[0][..., :r].copy_(grad_Xt[rows])
         grad_blocks += group

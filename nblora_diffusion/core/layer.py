@@ -20,7 +20,7 @@ from torch import nn
 from ..formats import p_label
 from .bounds import bound_vector, check_delta, fit_bound, parse_p, project_to_ball, s_tilde_for, schatten_norm
 from .cache import FactorCache, Frozen, watch_optimizer_steps
-from .cayley import cayley_sign_flip, cayley_transposed_groups, inverse_cayley
+from .cayley import cayley_sign_flip, cayley_transposed_groups, inverse_cayley, split_runs
 from .config import NBLoRAConfig, check_dropout, check_parameterization, check_rank
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # lora_A (r, n), lora_B (m, r): W = lora_B @ lora_A
@@ -30,22 +30,34 @@ def _forget_after_load(layer: NBLoRALinear, incompatible_keys) -> None:
     layer.forget_factors()  # load_state_dict post-hook: the tensors hold new values
 
 
-# Inside a compiled graph a group's stacks are one opaque op: inductor would generate a loop per layer
-# for each (on CPU, thousands of lines of C++ for the tiny UNet's adapters: a tenth of its compile
-# time), to run what one ATen call does. Its backward is an unbind: views, no kernel.
+# Inside a compiled graph all the stacks of a ``stacked_factors`` call are one opaque op: inductor would
+# generate a loop per layer for each (on CPU, thousands of lines of C++ for the tiny UNet's adapters: a
+# tenth of its compile time), to run what one ATen call does; one call rather than one per stack, as
+# each call of a Python-defined op costs ~15 µs. Its backward is an unbind: views, no kernel.
 @torch.library.custom_op("nblora::stack", mutates_args=())
-def _stack_op(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(tensors)
+def _stack_op(tensors: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
+    """torch.stack of consecutive runs of ``tensors``, ``counts[k]`` of them for stack k."""
+    return [torch.stack(run) for run in split_runs(tensors, counts)]
 
 
 @_stack_op.register_fake
-def _(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return tensors[0].new_empty(len(tensors), *tensors[0].shape)
+def _(tensors: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
+    return [run[0].new_empty(len(run), *run[0].shape) for run in split_runs(tensors, counts)]
 
 
-_stack_op.register_autograd(
-    lambda ctx, grad: (list(grad.unbind(0)),), setup_context=lambda ctx, inputs, output: None
-)
+def _unstack(ctx, grads: list) -> tuple:
+    return [g for grad, n in zip(grads, ctx.counts, strict=True) for g in _unbind(grad, n)], None
+
+
+def _unbind(grad: torch.Tensor | None, count: int) -> list:
+    return [None] * count if grad is None else list(grad.unbind(0))
+
+
+def _save_counts(ctx, inputs, output) -> None:
+    ctx.counts = inputs[1]
+
+
+_stack_op.register_autograd(_unstack, setup_context=_save_counts)
 
 
 def stacked_factors(
@@ -59,35 +71,44 @@ def stacked_factors(
     slider (each layer's ``nblora_scale``). ``fused=False`` uses the plain-autograd Cayley (a reference
     for tests).
     """
-
-    def stack(layers: Sequence[NBLoRALinear], name: str) -> torch.Tensor:  # a layer alone: a view
-        if len(layers) == 1:
-            return getattr(layers[0], name).unsqueeze(0)
-        tensors = [getattr(layer, name) for layer in layers]
-        return _stack_op(tensors) if torch.compiler.is_compiling() else torch.stack(tensors)
-
+    own = [
+        ("nblora_A", "nblora_B") if ls[0].parameterization == "II" else ("nblora_U", "nblora_V", "nblora_d")
+        for ls in groups
+    ]
+    names = [(*o, "nblora_s", "nblora_delta", *(("nblora_scale",) if scaled else ())) for o in own]
+    flat = iter(_stacks(groups, names))
+    stacks = [{name: next(flat) for name in ns} for ns in names]  # per group: name -> (L, ...) stack
     inputs = []
-    for layers in groups:
-        if layers[0].parameterization == "II":
-            inputs.append([stack(layers, "nblora_A"), stack(layers, "nblora_B")])  # [Ã, B̃] -> [A, B]
+    for t in stacks:
+        if "nblora_A" in t:
+            inputs.append([t["nblora_A"], t["nblora_B"]])  # [Ã, B̃] -> [A, B]
         else:
-            inputs += [[stack(layers, "nblora_U").mT], [stack(layers, "nblora_V").mT]]  # Uᵀ, Vᵀ
+            inputs += [[t["nblora_U"].mT], [t["nblora_V"].mT]]  # Uᵀ, Vᵀ
     outs = iter(cayley_transposed_groups(inputs, fused=fused))
     factors = []
-    for layers in groups:
-        first = layers[0]
-        s = bound_vector(stack(layers, "nblora_s"), first.p, stack(layers, "nblora_delta").unsqueeze(-1))
-        if first.parameterization == "II":
+    for layers, t in zip(groups, stacks, strict=True):
+        s = bound_vector(t["nblora_s"], layers[0].p, t["nblora_delta"].unsqueeze(-1))
+        if "nblora_A" in t:
             P_in_t, P_out_t = next(outs)  # lora_A = A, lora_B = Bᵀ·2S
             g = 2.0 * s
         else:
             ((P_out_t,), (P_in_t,)) = next(outs), next(outs)  # Uᵀ (L, r, m), Vᵀ (L, r, n)
-            d = stack(layers, "nblora_d")
-            g = torch.minimum(torch.maximum(d, -s), s)  # d projected into [-s, s]
+            g = torch.minimum(torch.maximum(t["nblora_d"], -s), s)  # d projected into [-s, s]
         if scaled:
-            g = g * stack(layers, "nblora_scale").unsqueeze(-1)
+            g = g * t["nblora_scale"].unsqueeze(-1)
         factors.append((P_in_t, (P_out_t * g.unsqueeze(-1)).mT))  # lora_B = P_out·diag(g)
     return factors
+
+
+def _stacks(groups: Sequence[Sequence[NBLoRALinear]], names: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+    """The tensors ``names[g]`` of group g's layers, each stacked over the group (a layer alone: views;
+    in a compiled graph all of them one call of the stack op)."""
+    runs = [
+        [getattr(layer, n) for layer in layers] for layers, ns in zip(groups, names, strict=True) for n in ns
+    ]
+    if torch.compiler.is_compiling():
+        return _stack_op([t for run in runs for t in run], [len(run) for run in runs])
+    return [run[0].unsqueeze(0) if len(run) == 1 else torch.stack(run) for run in runs]
 
 
 class NBLoRALinear(nn.Module):
