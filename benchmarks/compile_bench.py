@@ -11,10 +11,11 @@ pair) or the SD1.5 architecture (``--unet sd15``, random weights).
 Compile time: the first compiled step minus an eager step (inductor's caches disabled, and one throwaway
 compile first so that neither adapter pays for loading inductor). Step times: the fastest of ``--steps``
 steps, the variants interleaved round by round in alternating order (on a shared CPU whichever runs first
-in a round is measured slower).
+in a round is measured slower). Then ``--pairs`` pairs of compiled steps, one of each adapter back to back in
+alternating order: the median of the pairs' own ratios follows the VM's drifts in speed least.
 
     python benchmarks/compile_bench.py [--unet tiny|sd15] [--device cpu|cuda] [--rank 4] [--steps 5]
-                                       [--optimizer adamw|adamw_fused]
+                                       [--optimizer adamw|adamw_fused] [--pairs 100]
 """
 
 from __future__ import annotations
@@ -66,6 +67,15 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def paired_ratios(compiled: dict, pairs: int, device: torch.device) -> list[float]:
+    """NB-LoRA's step time over PEFT's, one step of each back to back, in alternating order."""
+    ratios = []
+    for i in range(pairs):
+        t = {kind: timed(compiled[kind], device) for kind in (KINDS if i % 2 == 0 else reversed(KINDS))}
+        ratios.append(t["nblora"] / t["lora"])
+    return ratios
+
+
 def warm_up_inductor(device: torch.device) -> None:
     """Compile a throwaway model once: the first compilation of a process also loads inductor."""
     net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 1)).to(device)
@@ -88,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (even: both orders)")
+    parser.add_argument("--pairs", type=int, default=100, help="paired compiled steps after the rounds")
     parser.add_argument("--first", choices=KINDS, default="nblora", help="the adapter that compiles first")
     parser.add_argument(
         "--explain", action="store_true", help="also count graphs and breaks (torch._dynamo.explain)"
@@ -149,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{compile_s['nblora'] / compile_s['lora']:.3f}  (target <= 1.2)"
     )
     print(f"eager NB-LoRA / eager PEFT LoRA step time:       {ratio('eager')}")
+    if args.pairs:
+        pairs = sorted(paired_ratios(compiled, args.pairs, device))
+        quartiles = ", ".join(f"{pairs[int(len(pairs) * q)]:.3f}" for q in (0.25, 0.75))
+        print(
+            f"compiled step, median of {len(pairs)} paired ratios:  {statistics.median(pairs):.3f} "
+            f"(quartiles {quartiles})"
+        )
     return 0
 
 
