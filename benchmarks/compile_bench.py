@@ -15,7 +15,7 @@ in a round is measured slower). Then ``--pairs`` pairs of compiled steps, one of
 alternating order: the median of the pairs' own ratios follows the VM's drifts in speed least.
 
     python benchmarks/compile_bench.py [--unet tiny|sd15] [--device cpu|cuda] [--rank 4] [--steps 5]
-                                       [--optimizer adamw|adamw_fused] [--pairs 100]
+                                       [--optimizer adamw|adamw_fused] [--pairs N]
 """
 
 from __future__ import annotations
@@ -98,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (even: both orders)")
-    parser.add_argument("--pairs", type=int, default=100, help="paired compiled steps after the rounds")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help="paired compiled steps after the rounds (default: tiny 100, sd15 10)",
+    )
     parser.add_argument("--first", choices=KINDS, default="nblora", help="the adapter that compiles first")
     parser.add_argument(
         "--explain", action="store_true", help="also count graphs and breaks (torch._dynamo.explain)"
@@ -160,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{compile_s['nblora'] / compile_s['lora']:.3f}  (target <= 1.2)"
     )
     print(f"eager NB-LoRA / eager PEFT LoRA step time:       {ratio('eager')}")
-    if args.pairs:
-        pairs = sorted(paired_ratios(compiled, args.pairs, device))
+    n_pairs = args.pairs if args.pairs is not None else (100 if args.unet == "tiny" else 10)
+    if n_pairs:
+        pairs = sorted(paired_ratios(compiled, n_pairs, device))
         quartiles = ", ".join(f"{pairs[int(len(pairs) * q)]:.3f}" for q in (0.25, 0.75))
         print(
             f"compiled step, median of {len(pairs)} paired ratios:  {statistics.median(pairs):.3f} "
