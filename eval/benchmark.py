@@ -138,8 +138,11 @@ class BenchmarkSpec:
 
 
 def train_options(spec: BenchmarkSpec, s: Subject, m: Method) -> dict:
+    """The unit's training options: the method's, its subject's data and folder; seed 0 unless the
+    method (or the file's "seeds") sets one, so that a re-run trains the same adapters."""
     run = spec.run_dir(s, m)
     opts = {
+        "seed": 0,
         **m.options,
         "pretrained_model_name_or_path": spec.base_model,
         "instance_data_dir": str(s.folder),

@@ -111,6 +111,29 @@ def test_table3_preset_has_the_seed_grid():
     assert methods[0].options["rank"] == 16
 
 
+def test_units_train_with_seed_0_unless_their_method_sets_one(tmp_path):
+    import argparse
+
+    from eval.benchmark import train_options
+    from eval.score import GenerationConfig
+
+    spec_file = tmp_path / "methods.json"
+    methods = [
+        {"id": "a", "name": "A", "adapter": "lora"},
+        {"id": "b", "name": "B", "adapter": "lora", "seed": 7},
+    ]
+    spec_file.write_text(json.dumps({"train": {"max_train_steps": 4}, "methods": methods}))
+    seeded = tmp_path / "seeds.json"
+    seeded.write_text(json.dumps({"seeds": [1, 2], "methods": [{"id": "a", "name": "A", "adapter": "lora"}]}))
+    spec = argparse.Namespace(gen=GenerationConfig(), base_model="M", run_dir=lambda s, m: tmp_path / m.id,
+                              out=tmp_path, token="sks")  # fmt: skip
+    subject = argparse.Namespace(folder=tmp_path, class_noun="dog")
+    seeds = [
+        train_options(spec, subject, m)["seed"] for f in (spec_file, seeded) for m in read_methods(str(f))[1]
+    ]
+    assert seeds == [0, 7, 1, 2]  # a re-run of a file without seeds trains the same adapters
+
+
 def test_shards_partition_the_units():
     units = list(range(7))
     shards = [shard_units(units, i, 3) for i in range(3)]
