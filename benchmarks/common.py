@@ -27,6 +27,7 @@ SD15_UNET = dict(
     attention_head_dim=8,
 )
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the 128 attention projections
+ADAMW = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)  # torch's defaults but lr
 
 
 def add_adapter(unet, kind: str, rank: int, optimizer: str = "adamw") -> torch.optim.Optimizer:
@@ -44,7 +45,7 @@ def add_adapter(unet, kind: str, rank: int, optimizer: str = "adamw") -> torch.o
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:  # adapters train in float32 over fp16 base weights
         p.data = p.data.float()
-    return make_optimizer(optimizer, params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    return make_optimizer(optimizer, params, **ADAMW)
 
 
 def make_step(model, optimizer, side: int, context_dim: int, device: torch.device, dtype: torch.dtype):

@@ -29,7 +29,7 @@ from nblora_diffusion.core.cayley import cayley_transposed_groups
 from nblora_diffusion.core.inject import nblora_layers, unload_nblora
 from nblora_diffusion.training.optim import make_optimizer
 
-from common import machine
+from common import ADAMW, machine
 
 
 class Row(nn.Module):
@@ -55,9 +55,10 @@ class Stacked(nn.Module):
             self.groups.setdefault(layer.batch_key(), []).append(name)
         members = [[layers[n] for n in names] for names in self.groups.values()]
         self.p = [ls[0].p for ls in members]
-        stack = [[torch.stack([getattr(l, n).detach() for l in ls]) for ls in members] for n in _TENSORS]
-        self.A, self.B, self.s = (nn.ParameterList(stack[i]) for i in range(3))
-        self.delta, self.scale = stack[3], stack[4]  # constant in this probe (no slider moves)
+        A, B, s, self.delta, self.scale = (  # δ and the slider: constant in this probe
+            [torch.stack([getattr(layer, n).detach() for layer in ls]) for ls in members] for n in _TENSORS
+        )
+        self.A, self.B, self.s = nn.ParameterList(A), nn.ParameterList(B), nn.ParameterList(s)
         self.model, self.factors = unload_nblora(copy.deepcopy(injected), merge=False), {}
         for g, names in enumerate(self.groups.values()):
             for i, name in enumerate(names):
@@ -107,14 +108,13 @@ def injected_unet(optimizer: str = "adamw_fused"):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pairs", type=int, default=100, help="paired compiled steps")
+    parser.add_argument("--pairs", type=int, default=100, help="paired compiled steps (at least 2)")
     parser.add_argument("--check-only", action="store_true", help="only check equality with the product")
     args = parser.parse_args(argv)
+    if args.pairs < 2:
+        parser.error(f"--pairs must be at least 2 (quartiles of the pairs), got {args.pairs}")
     device, dtype = torch.device("cpu"), torch.float32
-    models = {
-        "nblora": injected_unet(),
-        "lora": adapted_unet("lora", TINY_UNET, 4, device, dtype, "adamw_fused"),
-    }
+    models = {"nblora": injected_unet()}
     stacked = Stacked(models["nblora"][0])
     worst = check_equal(models["nblora"][0], stacked)
     counts = [sum(p.requires_grad for p in m.parameters()) for m in (models["nblora"][0], stacked)]
@@ -128,12 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.check_only:
         return 0
-    for model, _ in models.values():
+    for model in (models["nblora"][0], stacked):
         model.zero_grad(set_to_none=True)
-    stacked.zero_grad(set_to_none=True)
     params = [p for p in stacked.parameters() if p.requires_grad]
-    adamw = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    models["stacked"] = (stacked, make_optimizer("adamw_fused", params, **adamw))
+    models["stacked"] = (stacked, make_optimizer("adamw_fused", params, **ADAMW))
+    models["lora"] = adapted_unet("lora", TINY_UNET, 4, device, dtype, "adamw_fused")
     steps = {
         k: make_step(torch.compile(m), opt, TINY_UNET, 16, device, dtype) for k, (m, opt) in models.items()
     }
