@@ -35,24 +35,24 @@ from nblora_diffusion.core import cayley, cayley_transposed_groups, materialize,
 from common import SD15_UNET, TARGETS, machine, peak_bytes, synchronize
 
 
-def sd15_adapters(rank: int, device: torch.device, parameterization: str = "II") -> list:
-    """NB-LoRA layers on the SD1.5 attention projections; base weights stay on the meta device."""
+def sd15_adapters(rank: int, device: torch.device, parameterization: str = "II") -> tuple[list, list]:
+    """NB-LoRA layers on the SD1.5 attention projections and their trainable tensors (stored per group);
+    base weights stay on the meta device."""
     with init_empty_weights():
         unet = UNet2DConditionModel(**SD15_UNET)
     config = NBLoRAConfig(
         rank=rank, p=2.0, delta=1.0, target_modules=TARGETS, parameterization=parameterization
     )
     inject_nblora(unet, config)
+    unet.nblora_stacks.to_empty(device=device)  # the adapters' own tensors only, stored per group
     gen = torch.Generator().manual_seed(0)
-    layers = []
-    for _, layer in nblora_layers(unet):
-        layer.to_empty(device=device, recurse=False)  # the adapter's own tensors only
-        with torch.no_grad():
-            for t in layer.parameters(recurse=False):  # trained-looking values: B̃ != 0, uneven s̃
-                t.copy_(torch.randn(t.shape, generator=gen) / math.sqrt(t.shape[-1]))
-            layer.nblora_delta.fill_(1.0)
-        layers.append(layer)
-    return layers
+    with torch.no_grad():
+        for t in unet.nblora_stacks.parameters():  # trained-looking values: B̃ != 0, uneven s̃
+            t.copy_(torch.randn(t.shape, generator=gen) / math.sqrt(t.shape[-1]))
+        for group in unet.nblora_stacks.groups:
+            group.nblora_delta.fill_(1.0)
+            group.nblora_scale.fill_(1.0)
+    return [layer for _, layer in nblora_layers(unet)], list(unet.nblora_stacks.parameters())
 
 
 def shape_groups(layers: list) -> dict[tuple[int, int], int]:
@@ -129,13 +129,14 @@ def bench_cayley(inputs: list, device: torch.device, args: argparse.Namespace) -
 
 
 # -- 2. batched vs per-layer materialisation --------------------------------------------------------
-def bench_materialize(layers: list, device: torch.device, args: argparse.Namespace) -> tuple[dict, dict]:
+def bench_materialize(
+    layers: list, params: list, device: torch.device, args: argparse.Namespace
+) -> tuple[dict, dict]:
     """Times (s) of the factors of all layers (training forward, forward + backward, inference fill),
     and the compute ops each dispatches."""
     gen = torch.Generator().manual_seed(2)
     tokens = [torch.randn(1, layer.in_features, generator=gen).to(device) for layer in layers]
     weights = [torch.randn(1, layer.out_features, generator=gen).to(device) for layer in layers]
-    params = [t for layer in layers for t in layer.parameters(recurse=False)]
 
     def consume(factors: list, inputs: list) -> None:
         # what a training forward does with the factors, for one token per layer: x·lora_Aᵀ·lora_Bᵀ;
@@ -239,12 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine(device)}")
     rows = []
     for rank in args.ranks:
-        layers = sd15_adapters(rank, device)
+        layers, params = sd15_adapters(rank, device)
         groups = shape_groups(layers)
         listing = ", ".join(f"{q}x{r}: {n}" for (q, r), n in sorted(groups.items()))
         print(f"\nr = {rank}: {len(layers)} adapters in {len(groups)} groups ({listing}, as q x r)")
         c = bench_cayley(cayley_inputs_by_group(layers), device, args)
-        m, ops = bench_materialize(layers, device, args)
+        m, ops = bench_materialize(layers, params, device, args)
         for name in ("fused", "plain"):
             t, saved, peak = c[name]["time_ms"], c[name]["saved_MB"], c[name]["peak_MB"]
             print(

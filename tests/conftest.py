@@ -65,8 +65,8 @@ def cayley_calls(monkeypatch) -> list[tuple[int, int, int]]:
     """Records (L, q, r) of every group of Cayley transforms the layers and the batched pass run."""
     import importlib
 
-    cayley_module, layer = (
-        importlib.import_module(f"nblora_diffusion.core.{n}") for n in ("cayley", "layer")
+    cayley_module, stacks = (
+        importlib.import_module(f"nblora_diffusion.core.{n}") for n in ("cayley", "stacks")
     )
 
     calls: list[tuple[int, int, int]] = []
@@ -78,7 +78,7 @@ def cayley_calls(monkeypatch) -> list[tuple[int, int, int]]:
             calls.append((L, sum(b.shape[-1] for b in blocks), blocks[0].shape[-2]))
         return original(groups, **kwargs)
 
-    monkeypatch.setattr(layer, "cayley_transposed_groups", counted)  # the one caller (stacked_factors)
+    monkeypatch.setattr(stacks, "cayley_transposed_groups", counted)  # the one caller (stacked_factors)
     return calls
 
 

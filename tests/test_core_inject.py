@@ -96,8 +96,9 @@ def test_inject_freezes_only_the_wrapped_base_weights():
     inject_nblora(model, NBLoRAConfig(rank=2, p=2, delta=1.0, target_modules=ATTN))
     trainable = {n for n, t in model.named_parameters() if t.requires_grad}
     assert "up.weight" in trainable and "blocks.0.to_q.base_layer.weight" not in trainable
-    assert {n for n in trainable if "blocks" in n and "norm" not in n} == {
-        n for n in trainable if n.rsplit(".", 1)[-1].startswith("nblora_")
+    assert {n for n in trainable if "blocks" in n and "norm" not in n} == set()
+    assert {n.split(".")[0] for n in trainable if n.rsplit(".", 1)[-1].startswith("nblora_")} == {
+        "nblora_stacks"
     }
 
 
@@ -135,11 +136,22 @@ def test_injecting_twice_into_the_same_module_is_an_error():
     assert len(list(nblora_layers(model))) == 6
 
 
-def test_each_layer_keeps_its_config_and_the_model_only_the_materializer():
-    """The per-layer config lives on the layer; injection adds ``forward`` and ``nblora_materializer`` to the
-    model and nothing else, and injected_configs reads the layers: each config once, in injection order."""
+def test_injecting_around_a_model_that_has_adapters_is_an_error_and_changes_nothing():
     model = TinyNet()
-    before = dict(model.__dict__)
+    inject_nblora(model.blocks[0], NBLoRAConfig(rank=2, p=2, delta=1.0, target_modules=("to_q",)))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="'blocks.0.to_q' holds an adapter injected into a submodule"):
+        inject_nblora(model, NBLoRAConfig(rank=2, p=2, delta=1.0, target_modules=("to_v",)))
+    assert not hasattr(model, "nblora_stacks") and len(list(nblora_layers(model))) == 1
+    assert model.state_dict().keys() == state.keys()
+
+
+def test_each_layer_keeps_its_config_and_the_model_only_the_materializer():
+    """The per-layer config lives on the layer; injection adds ``forward``, ``nblora_materializer`` and the
+    ``nblora_stacks`` submodule to the model and nothing else, and injected_configs reads the layers: each
+    config once, in injection order."""
+    model = TinyNet()
+    before, children = dict(model.__dict__), list(model._modules)
     late, early = (  # injected in the opposite of module order: to_v comes after to_q in every block
         NBLoRAConfig(rank=2, p=2, gamma=0.1, target_modules=("to_v",)),
         NBLoRAConfig(rank=1, p=1, delta=0.5, target_modules=("to_q", "context_proj")),
@@ -147,6 +159,7 @@ def test_each_layer_keeps_its_config_and_the_model_only_the_materializer():
     inject_nblora(model, late)
     inject_nblora(model, early)
     assert set(model.__dict__) - set(before) == {"forward", inject_module.MATERIALIZER_ATTR}
+    assert list(model._modules) == [*children, "nblora_stacks"]
     assert model.nblora_materializer is model.forward
     for name, layer in nblora_layers(model):
         assert layer.config is (late if name.endswith("to_v") else early)
@@ -156,6 +169,7 @@ def test_each_layer_keeps_its_config_and_the_model_only_the_materializer():
     assert [layer.config for layer in model.nblora_materializer.layers[:3]] == [late] * 3
     unload_nblora(model)
     assert model.__dict__.keys() == before.keys() and inject_module.injected_configs(model) == []
+    assert list(model._modules) == children
 
 
 @pytest.mark.parametrize(
@@ -249,7 +263,9 @@ def test_every_trainable_parameter_gets_a_gradient_as_data_parallel_training_req
     assert missing == []
     if math.isinf(p):
         assert all(
-            torch.equal(t.grad, torch.zeros_like(t)) for n, t in model.named_parameters() if "nblora_s" in n
+            torch.equal(t.grad, torch.zeros_like(t))
+            for n, t in model.named_parameters()
+            if n.endswith(".nblora_s")
         )
 
 
@@ -261,17 +277,24 @@ def test_batched_pass_runs_one_cayley_per_group_of_layers(cayley_calls):
     assert sorted(cayley_calls) == sorted([(4, 16, 3), (4, 14, 3), (1, 14, 3), (2, 24, 3), (2, 18, 3)])
 
 
-def test_each_group_gets_one_gradient_buffer_and_no_per_layer_copy():
-    """The adapters' gradients are slices of one contiguous gradient per group and block of the batched
-    pass, which autograd takes as they are; a gradient in another layout (a strided view of a bigger
-    one, say) would be copied for every parameter at every step."""
+def test_each_group_is_stored_as_one_tensor_per_name_with_one_gradient():
+    """The layers of one group are rows of one stored tensor per name (Ã, B̃, s̃), which the batched pass
+    reads as it is: one gradient per group and name, contiguous, which autograd and the optimizer take as
+    they are (per-layer tensors cost a stack, a gradient view and an optimizer update each)."""
     model = injected(CONFIGS[0])
     model(*inputs()).square().sum().backward()
+    trainable = [(n, t) for n, t in model.named_parameters() if "nblora_" in n]
+    groups = {(layer.batch_key(), layer._home[0]) for _, layer in nblora_layers(model)}
+    assert len({key for key, _ in groups}) == len(groups) == 5 and len(trainable) == 3 * 5
+    for name, t in trainable:
+        assert name.startswith("nblora_stacks.") and t.grad.shape == t.shape and t.grad.is_contiguous()
     storages = defaultdict(set)
     for _, layer in nblora_layers(model):
-        for name in ("nblora_A", "nblora_B"):
-            storages[layer.batch_key(), name].add(getattr(layer, name).grad.untyped_storage().data_ptr())
-    assert len(storages) == 10 and all(len(ptrs) == 1 for ptrs in storages.values())
+        group, row = layer._home
+        for name in ("nblora_A", "nblora_B", "nblora_s", "nblora_delta"):
+            assert torch.equal(getattr(layer, name), getattr(group, name)[row])
+            storages[id(group), name].add(getattr(layer, name).untyped_storage().data_ptr())
+    assert all(len(ptrs) == 1 for ptrs in storages.values())
 
 
 def test_no_grad_forward_fills_and_then_reuses_the_cache_in_batches(cayley_calls):

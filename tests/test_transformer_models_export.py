@@ -32,7 +32,7 @@ def randomize(model, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in nblora_layers(model):
-            for t in layer.parameters(recurse=False):
+            for t in layer.adapter_tensors().values():
                 t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype))
     return model
 

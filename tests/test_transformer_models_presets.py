@@ -110,7 +110,7 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(llama_dir):
     plain = _grads(model, ids)
     model.gradient_checkpointing_enable()  # transformers' default: non-reentrant
     checkpointed = _grads(model, ids)
-    assert plain.keys() == checkpointed.keys() and len(plain) == 3 * 7 * LAYERS
+    assert plain.keys() == checkpointed.keys() and len(plain) == 3 * len(model.nblora_stacks.groups)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
 

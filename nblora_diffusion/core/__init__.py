@@ -13,7 +13,8 @@ from .inject import (
     unload_nblora,
     unmerge_nblora,
 )
-from .layer import NBLoRALinear, stacked_factors
+from .layer import NBLoRALinear
+from .stacks import stacked_factors
 from .state import (
     atomic_save_safetensors,
     export_lora_state_dict,

@@ -5,9 +5,10 @@ batches: stacked per group of layers of the same shape and bound type (``NBLoRAL
 Cayley transforms of all groups of one rank in one call, instead of one small computation per layer.
 Besides ``forward`` it adds one attribute to the model, ``model.nblora_materializer``
 (``MATERIALIZER_ATTR``; like diffusers' ``peft_config``): the materializer, which holds the model's layers
-in injection order and their factor cache. Each layer keeps the NBLoRAConfig it was injected with
-(``layer.config``; its resolved bound is the layer's own ``nblora_delta``), so ``injected_configs`` reads
-the configs from the layers. ``unload_nblora`` removes all of it.
+in injection order and their factor cache; and one submodule, ``model.nblora_stacks``, where the layers'
+tensors are stored, stacked per group (``core/stacks.py``). Each layer keeps the NBLoRAConfig it was
+injected with (``layer.config``; its resolved bound is the layer's own ``nblora_delta``), so
+``injected_configs`` reads the configs from the layers. ``unload_nblora`` removes all of it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from torch import nn
 from .bounds import matrix_schatten_norm
 from .cache import FactorCache
 from .config import NBLoRAConfig
-from .layer import Factors, NBLoRALinear, stacked_factors
+from .layer import NBLoRALinear
+from .stacks import STACKS_ATTR, Factors, NBLoRAStacks, stacked_factors
 
 MATERIALIZER_ATTR = "nblora_materializer"  # the one attribute injection adds
 
@@ -95,9 +97,15 @@ class _Materializer:
         self.cache = FactorCache(0)
 
     def bind(self, layers: list[NBLoRALinear]) -> None:
+        """Take ``layers`` (all of the model's, in injection order): their factor cache, and their
+        tensors stored in groups under ``model.nblora_stacks`` (rebuilt from their current values)."""
         self.layers, self.cache = layers, FactorCache(len(layers))
         for slot, layer in enumerate(layers):
             layer.factor_cache, layer.factor_slot = self.cache, slot
+        if STACKS_ATTR in self.model._modules:
+            delattr(self.model, STACKS_ATTR)
+        if layers:
+            setattr(self.model, STACKS_ATTR, NBLoRAStacks(layers))
 
     def __call__(self, *args, **kwargs):
         _forward_factors(self.layers, self.cache)
@@ -141,6 +149,14 @@ def inject_nblora(model: nn.Module, config: NBLoRAConfig) -> list[str]:
             f"no module of {type(model).__name__} matches target_modules {list(config.target_modules)}"
         )
     inside = {n for n, _ in nblora_layers(model)}
+    stored = getattr(model, STACKS_ATTR, None)
+    own_groups = {id(g) for g in stored.groups} if isinstance(stored, NBLoRAStacks) else set()
+    for name, layer in nblora_layers(model):
+        if layer._home is not None and id(layer._home[0]) not in own_groups:
+            raise ValueError(
+                f"{name!r} holds an adapter injected into a submodule of this model: inject into one "
+                "model (or unload that one first)"
+            )
     replaced = []
     for name, module in found:
         if isinstance(module, NBLoRALinear) or any(name.startswith(p + ".") for p in inside):
@@ -214,12 +230,13 @@ def unload_nblora(model: nn.Module, merge: bool = True) -> nn.Module:
         _set_submodule(model, name, layer.base_layer)
     hook = getattr(model, MATERIALIZER_ATTR, None)
     if hook is not None:
+        hook.bind(
+            []
+        )  # a wrapper installed over ours (accelerate's autocast) may keep calling it: a pass-through
         if model.__dict__.get("forward") is hook:
             del model.forward
             if hook.inner is not None:
                 model.forward = hook.inner
-        else:  # a wrapper installed over ours (accelerate's autocast) keeps calling it: a pass-through now
-            hook.bind([])
         delattr(model, MATERIALIZER_ATTR)
     return model
 

@@ -5,13 +5,13 @@ Both parameterizations reduce to three factors, W = P_out · diag(g) · P_inᵀ:
   I  (paper §3.2):           P_in = Cayley(Ṽ), P_out = Cayley(Ũ), g = clamp(d̃, -s, s).
 The layer works with them as the LoRA pair W = lora_B · lora_A, lora_A = P_inᵀ (r, in) with orthonormal
 rows and lora_B = P_out · diag(g) (out, r): forward, delta_weight, merge and export all go through it.
-``stacked_factors`` computes the pair for groups of layers at once; a single layer is a group of one.
+``stacked_factors`` (core/stacks.py) computes the pair for groups of layers at once; a single layer is a
+group of one. Once injected, a layer's tensors are rows of its group's stored stacks (core/stacks.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,95 +20,13 @@ from torch import nn
 from ..formats import p_label
 from .bounds import bound_vector, check_delta, fit_bound, parse_p, project_to_ball, s_tilde_for, schatten_norm
 from .cache import FactorCache, Frozen, watch_optimizer_steps
-from .cayley import cayley_sign_flip, cayley_transposed_groups, inverse_cayley, split_runs
+from .cayley import cayley_sign_flip, inverse_cayley
 from .config import NBLoRAConfig, check_dropout, check_parameterization, check_rank
-
-Factors = tuple[torch.Tensor, torch.Tensor]  # lora_A (r, n), lora_B (m, r): W = lora_B @ lora_A
+from .stacks import BUFFERS, Factors, stacked_factors, tensor_names
 
 
 def _forget_after_load(layer: NBLoRALinear, incompatible_keys) -> None:
     layer.forget_factors()  # load_state_dict post-hook: the tensors hold new values
-
-
-# Inside a compiled graph all the stacks of a ``stacked_factors`` call are one opaque op: inductor would
-# generate a loop per layer for each (on CPU, thousands of lines of C++ for the tiny UNet's adapters: a
-# tenth of its compile time), to run what one ATen call does; one call rather than one per stack, as
-# each call of a Python-defined op costs ~15 µs. Its backward is an unbind: views, no kernel.
-@torch.library.custom_op("nblora::stack", mutates_args=())
-def _stack_op(tensors: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
-    """torch.stack of consecutive runs of ``tensors``, ``counts[k]`` of them for stack k."""
-    return [torch.stack(run) for run in split_runs(tensors, counts)]
-
-
-@_stack_op.register_fake
-def _(tensors: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
-    return [run[0].new_empty(len(run), *run[0].shape) for run in split_runs(tensors, counts)]
-
-
-def _unstack(ctx, grads: list) -> tuple:
-    return [g for grad, n in zip(grads, ctx.counts, strict=True) for g in _unbind(grad, n)], None
-
-
-def _unbind(grad: torch.Tensor | None, count: int) -> list:
-    return [None] * count if grad is None else list(grad.unbind(0))
-
-
-def _save_counts(ctx, inputs, output) -> None:
-    ctx.counts = inputs[1]
-
-
-_stack_op.register_autograd(_unstack, setup_context=_save_counts)
-
-
-def stacked_factors(
-    groups: Sequence[Sequence[NBLoRALinear]], *, scaled: bool = True, fused: bool = True
-) -> list[Factors]:
-    """lora_A (L, r, n) and lora_B (L, m, r) of each group of L layers sharing ``batch_key()``.
-
-    Every tensor of the computation is a stack over a group's layers: its Cayley inputs (II: [Ã, B̃];
-    I: Ũᵀ and Ṽᵀ), the bounds, the gains and the product with them; the Cayley transforms of all
-    groups of one rank run in one call (``cayley_transposed_groups``). ``scaled``: lora_B includes the
-    slider (each layer's ``nblora_scale``). ``fused=False`` uses the plain-autograd Cayley (a reference
-    for tests).
-    """
-    own = [
-        ("nblora_A", "nblora_B") if ls[0].parameterization == "II" else ("nblora_U", "nblora_V", "nblora_d")
-        for ls in groups
-    ]
-    names = [(*o, "nblora_s", "nblora_delta", *(("nblora_scale",) if scaled else ())) for o in own]
-    flat = iter(_stacks(groups, names))
-    stacks = [{name: next(flat) for name in ns} for ns in names]  # per group: name -> (L, ...) stack
-    inputs = []
-    for t in stacks:
-        if "nblora_A" in t:
-            inputs.append([t["nblora_A"], t["nblora_B"]])  # [Ã, B̃] -> [A, B]
-        else:
-            inputs += [[t["nblora_U"].mT], [t["nblora_V"].mT]]  # Uᵀ, Vᵀ
-    outs = iter(cayley_transposed_groups(inputs, fused=fused))
-    factors = []
-    for layers, t in zip(groups, stacks, strict=True):
-        s = bound_vector(t["nblora_s"], layers[0].p, t["nblora_delta"].unsqueeze(-1))
-        if "nblora_A" in t:
-            P_in_t, P_out_t = next(outs)  # lora_A = A, lora_B = Bᵀ·2S
-            g = 2.0 * s
-        else:
-            ((P_out_t,), (P_in_t,)) = next(outs), next(outs)  # Uᵀ (L, r, m), Vᵀ (L, r, n)
-            g = torch.minimum(torch.maximum(t["nblora_d"], -s), s)  # d projected into [-s, s]
-        if scaled:
-            g = g * t["nblora_scale"].unsqueeze(-1)
-        factors.append((P_in_t, (P_out_t * g.unsqueeze(-1)).mT))  # lora_B = P_out·diag(g)
-    return factors
-
-
-def _stacks(groups: Sequence[Sequence[NBLoRALinear]], names: Sequence[Sequence[str]]) -> list[torch.Tensor]:
-    """The tensors ``names[g]`` of group g's layers, each stacked over the group (a layer alone: views;
-    in a compiled graph all of them one call of the stack op)."""
-    runs = [
-        [getattr(layer, n) for layer in layers] for layers, ns in zip(groups, names, strict=True) for n in ns
-    ]
-    if torch.compiler.is_compiling():
-        return _stack_op([t for run in runs for t in run], [len(run) for run in runs])
-    return [run[0].unsqueeze(0) if len(run) == 1 else torch.stack(run) for run in runs]
 
 
 class NBLoRALinear(nn.Module):
@@ -127,6 +45,7 @@ class NBLoRALinear(nn.Module):
         config: NBLoRAConfig | None = None,
     ) -> None:
         super().__init__()
+        self._home: tuple[nn.Module, int] | None = None  # (stored group, row) once injected: core/stacks.py
         if not isinstance(base_layer, nn.Linear):
             raise ValueError(f"NB-LoRA wraps nn.Linear layers, got {type(base_layer).__name__}")
         m, n = base_layer.out_features, base_layer.in_features
@@ -186,7 +105,12 @@ class NBLoRALinear(nn.Module):
         return A[0], B[0]
 
     def _needs_graph(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in self._parameters.values())
+        return torch.is_grad_enabled() and any(t.requires_grad for t in self._stored()[:-1])
+
+    def _stored(self) -> list[torch.Tensor]:
+        """The tensors this layer's trainable tensors and δ live in: its own, or its stored group's."""
+        owner = self if self._home is None else self._home[0]
+        return [getattr(owner, n) for n in (*tensor_names(self.parameterization), "nblora_delta")]
 
     def _skipped(self) -> bool:
         """Scale 0 gives the base model: eager code skips the update (compiled graphs keep it, at 0,
@@ -198,7 +122,7 @@ class NBLoRALinear(nn.Module):
         return not self.training and not torch.compiler.is_compiling() and not self._needs_graph()
 
     def _stamp(self) -> tuple | None:
-        return FactorCache.stamp((*self._parameters.values(), self._buffers["nblora_delta"]))
+        return FactorCache.stamp(tuple(self._stored()))
 
     def _frozen_valid(self) -> bool:
         return self.factor_cache.frozen_entry(self.factor_slot, self._stamp()) is not None
@@ -238,6 +162,61 @@ class NBLoRALinear(nn.Module):
         ):
             return self.compute_factors()
         return current
+
+    # -- storage: the layer's own tensors, or its row of a stored group (core/stacks.py) --------------
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors by name (Ã, B̃, s̃ or Ũ, Ṽ, d̃, s̃): the layer's own, or once injected its
+        rows of its group's stacks (views: writes to them land in the stacks)."""
+        return {n: getattr(self, n) for n in tensor_names(self.parameterization)}
+
+    def stack_into(self, group: nn.Module, index: int) -> None:
+        """From now on this layer's tensors are row ``index`` of ``group``'s stacks."""
+        for n in tensor_names(self.parameterization):
+            self._parameters.pop(n, None)
+        for n in BUFFERS:
+            self._buffers.pop(n, None)
+            self._non_persistent_buffers_set.discard(n)
+        self._home = (group, index)
+        self.forget_factors()
+
+    def __getattr__(self, name: str):
+        home = self.__dict__.get("_home")
+        if home is not None and name in home[0].row_names:
+            return getattr(home[0], name)[home[1]]
+        return super().__getattr__(name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._home is not None:  # the keys and order of a layer that owns its tensors
+            for n in (*tensor_names(self.parameterization), "nblora_delta"):
+                t = getattr(self, n)
+                destination[prefix + n] = t if keep_vars else t.detach()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if self._home is None:
+            return
+        keys = {prefix + n: n for n in (*tensor_names(self.parameterization), "nblora_delta")}
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in keys]
+        for key, n in keys.items():
+            if key not in state_dict:
+                if strict:
+                    missing_keys.append(key)
+                continue
+            value, row = state_dict[key], getattr(self, n)
+            if not isinstance(value, torch.Tensor) or value.shape != row.shape:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a param with shape {shape} from checkpoint, "
+                    f"the shape in current model is {tuple(row.shape)}."
+                )
+                continue
+            with torch.no_grad():
+                row.copy_(value)
 
     # -- public API -----------------------------------------------------------------------------
     @property

@@ -126,7 +126,7 @@ def _summary(model: nn.Module) -> dict:
         "file": None,
         "configs": configs,
         "num_layers": len(layers),
-        "num_parameters": sum(t.numel() for layer in layers for t in layer.parameters(recurse=False)),
+        "num_parameters": sum(t.numel() for layer in layers for t in layer.adapter_tensors().values()),
         "delta_range": [min(deltas), max(deltas)],
     }
 
