@@ -138,8 +138,10 @@ def inject_nblora(model: nn.Module, config: NBLoRAConfig) -> list[str]:
     """Replace every nn.Linear named by ``config.target_modules`` with an NBLoRALinear.
 
     Returns the replaced module names. Raises ValueError if nothing matches, if a match is not an
-    nn.Linear, or if a match already carries an adapter. Only adapter parameters stay trainable
-    for the replaced layers; the rest of the model is left as it was.
+    nn.Linear, or if a match already carries an adapter, or if the model holds a submodule with
+    adapters of its own. Only adapter parameters stay trainable for the replaced layers; the rest of the
+    model is left as it was. The model's adapter tensors are stored anew (``model.nblora_stacks``, with
+    their current values) at every injection: build the optimizer after the last one.
     """
     if not isinstance(config, NBLoRAConfig):
         raise ValueError(f"config must be an NBLoRAConfig, got {type(config).__name__}")

@@ -88,7 +88,7 @@ class NBLoRALinear(nn.Module):
 
     def batch_key(self) -> tuple:
         """Layers with equal keys form one group of ``stacked_factors``."""
-        s = self.nblora_s
+        s = self._stored()[-1]  # δ: the dtype and device of all the layer's tensors, and no row view made
         return (
             self.parameterization,
             self.rank,
