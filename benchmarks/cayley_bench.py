@@ -32,7 +32,7 @@ from torch.utils.benchmark import Timer
 from nblora_diffusion import NBLoRAConfig, inject_nblora
 from nblora_diffusion.core import cayley, cayley_transposed_groups, materialize, nblora_layers
 
-from common import SD15_UNET, TARGETS, machine, peak_bytes, synchronize
+from common import SD15_UNET, TARGETS, add_device_option, device_of, machine, peak_bytes, synchronize
 
 
 def sd15_adapters(rank: int, device: torch.device, parameterization: str = "II") -> tuple[list, list]:
@@ -229,14 +229,11 @@ def dispatched_ops(fn: Callable[[], object]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_option(parser)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best median counts")
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds per timing block")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
+    device = device_of(args.device)
     print(f"machine: {machine(device)}")
     rows = []
     for rank in args.ranks:

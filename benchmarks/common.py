@@ -1,10 +1,12 @@
 """What the benchmarks share: the SD1.5 UNet config, an adapter on a UNet with its optimizer, one training
-step, the machine line, device sync and peak memory."""
+step, the --device option, the machine line, device sync and peak memory."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
+import sys
 from collections.abc import Callable
 
 import torch
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from nblora_diffusion import NBLoRAConfig, inject_nblora
+from nblora_diffusion.devices import resolve_device
 from nblora_diffusion.training.optim import make_optimizer
 
 # stable-diffusion-v1-5 unet/config.json, the fields that fix the architecture
@@ -90,6 +93,19 @@ def peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
         level += e.nbytes()
         peak = max(peak, level)
     return peak
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+
+
+def device_of(name: str | None) -> torch.device:
+    """The --device to run on; one line on stderr and exit status 2 for a device this machine lacks."""
+    try:
+        return resolve_device(name)
+    except ValueError as e:
+        print(f"error: --device: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def machine(device: torch.device) -> str:

@@ -28,7 +28,7 @@ import time
 import torch
 from diffusers import UNet2DConditionModel
 
-from common import SD15_UNET, TARGETS, add_adapter, machine, synchronize
+from common import SD15_UNET, TARGETS, add_adapter, add_device_option, device_of, machine, synchronize
 from common import make_step as common_step
 
 TINY_UNET = dict(
@@ -85,7 +85,7 @@ def warm_up_inductor(device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--unet", choices=("tiny", "sd15"), default="tiny")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_option(parser)
     parser.add_argument(
         "--latent", type=int, default=None, help="latent side (default: tiny 16, sd15 32 CPU / 64 GPU)"
     )
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "--explain", action="store_true", help="also count graphs and breaks (torch._dynamo.explain)"
     )
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = device_of(args.device)
     spec = TINY_UNET if args.unet == "tiny" else SD15_UNET
     side = args.latent or (16 if args.unet == "tiny" else (64 if device.type == "cuda" else 32))
     dtype = torch.float16 if device.type == "cuda" and args.unet == "sd15" else torch.float32

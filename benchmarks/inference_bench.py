@@ -34,7 +34,7 @@ from nblora_diffusion.diffusion import (
     remove_adapter,
 )
 
-from common import SD15_UNET
+from common import SD15_UNET, add_device_option, device_of
 
 SD_VAE = dict(
     block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -44,7 +44,7 @@ CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num
               max_position_embeddings=77, vocab_size=49408)  # fmt: skip
 
 
-def sd15_pipeline(device: str, dtype: torch.dtype):
+def sd15_pipeline(device: torch.device, dtype: torch.dtype):
     """SD1.5's UNet, VAE and CLIP-L text encoder at full size with random weights (no download)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -113,7 +113,7 @@ def unet_step(pipe, size: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_option(parser)
     parser.add_argument("--size", type=int, default=None, help="image side (default 256 on CPU, 512 on CUDA)")
     parser.add_argument(
         "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default fp32 CPU, fp16 CUDA"
@@ -126,10 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 1
+    device = device_of(args.device)
+    cuda = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
     size = args.size or (512 if cuda else 256)
@@ -140,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype or ("fp16" if cuda else "fp32")
     ]
 
-    pipe = sd15_pipeline(args.device, dtype)
+    pipe = sd15_pipeline(device, dtype)
     config = make_config(args.rank, "inf", delta=1.0, preset="attn")
     n_layers = len(add_nblora(pipe, config)["unet"])
     with torch.no_grad():  # a 'trained' adapter: non-zero update
@@ -174,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe.load_lora_weights(lora_dir.name, adapter_name="bench")
 
     variants = {"base": to_base, "unmerged": to_unmerged, "merged": to_merged, "peft": to_peft}
-    print(f"SD1.5 architecture, random weights | {args.device} {str(dtype).removeprefix('torch.')} | "
+    print(f"SD1.5 architecture, random weights | {device} {str(dtype).removeprefix('torch.')} | "
           f"{size}px, {steps} steps | NB-LoRA rank {args.rank} on {n_layers} attention projections | "
           f"threads {torch.get_num_threads()} | {rounds} rounds")  # fmt: skip
     images = {name: [] for name in variants}

@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from nblora_diffusion.metrics import ClipFeatures, DinoFeatures, LpipsFeatures, resolve_device
+from nblora_diffusion.metrics import ClipFeatures, DinoFeatures, LpipsFeatures
 from nblora_diffusion.testing.metric_models import make_clip, make_dino, make_lpips
+
+from common import add_device_option, device_of
 
 BENCH_IMAGES, PHOTOS_PER_SUBJECT, SUBJECTS, PER_PROMPT = 3000, 5, 30, 4
 
@@ -42,15 +44,15 @@ def timed(fn, device: torch.device, repeat: int = 1) -> float:
     return best
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default=None)
+    add_device_option(parser)
     parser.add_argument("--images", type=int, default=None, help="images per timing (32 CPU, 256 GPU)")
     parser.add_argument("--batch_size", type=int, default=None, help="default 16 CPU, 128 GPU")
     parser.add_argument("--clip_arch", default="ViT-B-32")
     parser.add_argument("--lpips_size", type=int, default=256)
-    a = parser.parse_args()
-    device = resolve_device(a.device)
+    a = parser.parse_args(argv)
+    device = device_of(a.device)
     gpu = device.type == "cuda"
     n, bs = a.images or (256 if gpu else 32), a.batch_size or (128 if gpu else 16)
     g = torch.Generator().manual_seed(0)

@@ -27,7 +27,16 @@ from diffusers import UNet2DConditionModel
 
 from nblora_diffusion import unload_nblora
 
-from common import SD15_UNET, TARGETS, add_adapter, machine, peak_bytes, synchronize
+from common import (
+    SD15_UNET,
+    TARGETS,
+    add_adapter,
+    add_device_option,
+    device_of,
+    machine,
+    peak_bytes,
+    synchronize,
+)
 from common import make_step as common_step
 
 
@@ -69,14 +78,14 @@ def resident_bytes(unet, optimizer) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_option(parser)
     parser.add_argument("--resolution", type=int, default=None, help="px (default: 256 on CPU, 512 on GPU)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per block (after one warm-up)")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (even: both orders)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = device_of(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     resolution = args.resolution or (512 if device.type == "cuda" else 256)

@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from nblora_diffusion.devices import resolve_device
 from nblora_diffusion.metrics import (
     METRICS,
     MICRO_METRICS,
@@ -354,11 +355,21 @@ def run_benchmark(a: argparse.Namespace) -> int:
     return run(spec, report_only=a.report_only)
 
 
+def check_devices(a: argparse.Namespace) -> None:
+    """--device and --metric_device name devices this machine has (before anything is loaded)."""
+    for flag in ("device", "metric_device"):
+        try:
+            resolve_device(getattr(a, flag, None))
+        except ValueError as e:
+            raise ValueError(f"--{flag}: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_devices(args)
         return run_score(args) if args.command == "score" else run_benchmark(args)
     except ValueError as e:
         msg = " ".join(str(e).split()) or type(e).__name__

@@ -129,11 +129,10 @@ class Scorer:
         if self._pipe is None:
             from nblora_diffusion import diffusion
 
-            device = self.gen.device or ("cuda" if torch.cuda.is_available() else "cpu")
             self._pipe = diffusion.load_pipeline(
                 self.base_model,
                 dtype=self.gen.dtype,
-                device=device,
+                device=self.gen.device,  # None: cuda when present
                 config=self.gen.base_model_config,
                 allow_ckpt=self.gen.allow_ckpt,
             )

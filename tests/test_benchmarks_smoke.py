@@ -35,3 +35,22 @@ def test_cayley_bench_prints_every_ratio_for_the_sd15_shapes(cayley_bench, capsy
     assert all(v > 0 for i, v in enumerate(ratios) if i not in (5, 8)), ratios
     # batching dispatches far fewer ops (kernel launches on a GPU) than one Cayley per layer
     assert all(float(cell.split("=")[1].strip(" x")) > 5 for cell in ops_row.strip("|").split("|")[1:])
+
+
+@pytest.mark.parametrize(
+    "name", ["cayley_bench", "compile_bench", "inference_bench", "metrics_bench", "train_step_bench"]
+)
+@pytest.mark.parametrize("device", ["cuda", "cuda:7", "gpu"])
+def test_a_device_this_machine_lacks_is_a_one_line_error(name, device, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    for module in ("common", name):
+        sys.modules.pop(module, None)
+    bench = importlib.import_module(name)
+    capsys.readouterr()  # torch.utils.benchmark's import warns that no CUDA runtime is found
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--device", device])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --device: ") and "\n" not in err, err
+    assert ("unknown device" if device == "gpu" else "no CUDA device") in err

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import eval.score
@@ -118,9 +119,12 @@ def _error(capsys, argv):
     return err
 
 
-def test_bad_input_is_a_one_line_error(runs, tmp_path, capsys):
+def test_bad_input_is_a_one_line_error(runs, tmp_path, capsys, monkeypatch):
     base, root = runs
     args = _args(base, [root / "nblora"], tmp_path / "r")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "--device: no CUDA device is available" in _error(capsys, args + ["--device", "cuda"])
+    assert "--metric_device: unknown device 'gpu'" in _error(capsys, args + ["--metric_device", "gpu"])
     at = args.index("--instance_dir") + 1
 
     assert "image folder not found" in _error(capsys, args[:at] + [str(tmp_path / "nope")] + args[at + 1 :])

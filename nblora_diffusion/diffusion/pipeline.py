@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..devices import resolve_device
 from ..formats import is_hub_id
 from .single_file import SINGLE_FILE_SUFFIXES, is_single_file, load_single_file, pipeline_class
 
@@ -32,7 +33,7 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 def load_pipeline(
     model_name_or_path: str | os.PathLike,
     dtype: torch.dtype | str = torch.float32,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = "cpu",
     *,
     config: str | os.PathLike | None = None,
     allow_ckpt: bool = False,
@@ -43,16 +44,14 @@ def load_pipeline(
     cache (the hub is never contacted when HF_HUB_OFFLINE=1), or a single-file checkpoint (.safetensors;
     .ckpt only with ``allow_ckpt=True``), loaded offline with the shipped configs for the architecture
     its keys show, or with ``config`` (a skeleton name or a diffusers folder, see
-    ``single_file.load_single_file``). Raises ValueError with a one-line message for a missing path,
+    ``single_file.load_single_file``), onto ``device`` (None: cuda when present). Raises ValueError with
+    a one-line message for a device this machine lacks (``resolve_device``), a missing path,
     a folder that is not a diffusers pipeline, an unsupported pipeline class or checkpoint.
     """
     from diffusers import DiffusionPipeline
 
     dtype = parse_dtype(dtype)
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"invalid device {device!r}: {e}") from None
+    device = resolve_device(device)
     name = str(model_name_or_path)
     path = Path(name).expanduser()
     if is_single_file(name) and not path.is_dir():  # a file, even where it looks like "owner/x.safetensors"

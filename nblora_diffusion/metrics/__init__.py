@@ -13,7 +13,6 @@ from .extractors import (
     LpipsFeatures,
     MetricConfig,
     open_image,
-    resolve_device,
 )
 from .microworld import MICRO_METRICS, MicroWorldConfig, MicroWorldSuite, drift_score, prompt_attributes
 from .protocols import PROTOCOLS, Protocol, get_protocol, select_best_per_prompt
@@ -79,7 +78,6 @@ __all__ = [
     "open_image",
     "pairwise_cosine",
     "pooled_mean",
-    "resolve_device",
     "strip_token",
     "within_group_pairs",
 ]

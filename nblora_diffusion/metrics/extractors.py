@@ -73,10 +73,6 @@ class MetricConfig:
         }
 
 
-def resolve_device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def open_image(path: str | os.PathLike) -> Image.Image:
     """An RGB image with its EXIF orientation applied (phone photos are often stored rotated)."""
     try:

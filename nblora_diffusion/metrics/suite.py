@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .extractors import ClipFeatures, DinoFeatures, LpipsFeatures, MetricConfig, open_image, resolve_device
+from ..devices import resolve_device
+from .extractors import ClipFeatures, DinoFeatures, LpipsFeatures, MetricConfig, open_image
 from .scoring import (
     PairStat,
     cosine_score,
