@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from PIL import Image, PngImagePlugin
 
+from ..devices import resolve_device
 from ..fileio import atomic_dir, atomic_path
 from ..formats import ADAPTER_CONFIG_FILE, DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, is_hub_id
 
@@ -88,7 +89,7 @@ class PipelineCache:
         dtype: torch.dtype | None = None,
         base_model_config: str | os.PathLike | None = None,
     ) -> None:
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = str(resolve_device(device))
         # a local diffusers folder with the configs of single-file base models (load_pipeline's config=)
         self.base_model_config = str(base_model_config) if base_model_config else None
         self.dtype = dtype or (torch.float16 if self.device.startswith("cuda") else torch.float32)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import diffusion
+from ..devices import resolve_device
 from ..fileio import atomic_write_text
 from . import checkpoint as ckpt
 from .caching import load_vae
@@ -43,7 +44,7 @@ def check_inputs(config: TrainConfig) -> tuple[Path, Path | None, list[Photo]]:
     check_process_precision(config.mixed_precision)
     check_optimizer(config.optimizer)  # a missing bitsandbytes / prodigyopt: one line, nothing written
     if config.compile:
-        check_compile("cuda" if torch.cuda.is_available() else "cpu")
+        check_compile(resolve_device(None).type)
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output_dir {out} is a file")
