@@ -29,6 +29,7 @@ OLD_TO_NEW = [  # ("module:old name", "module:new name")
     ("eval.dataset:DreamBoothDataset", "eval.dataset:DreamBoothBenchmark"),
     ("nblora_diffusion.diffusion.targets:format_p", "nblora_diffusion.formats:format_p"),
     ("nblora_diffusion.app_logic.handlers:DEFAULT_BASE_MODEL", "nblora_diffusion.formats:DEFAULT_BASE_MODEL"),
+    ("nblora_diffusion.metrics:resolve_device", "nblora_diffusion.devices:resolve_device"),
 ]
 
 

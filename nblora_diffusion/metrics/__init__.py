@@ -4,6 +4,8 @@ Feature extraction (``extractors``) is separate from scoring (``scoring``), so t
 without models; ``MetricSuite`` ties them together for one subject.
 """
 
+from .._deprecated import deprecated_names
+from ..devices import resolve_device as _resolve_device
 from .extractors import (
     DEFAULT_METRICS,
     METRICS,
@@ -81,3 +83,7 @@ __all__ = [
     "strip_token",
     "within_group_pairs",
 ]
+
+__getattr__ = deprecated_names(
+    __name__, {"resolve_device": ("nblora_diffusion.devices.resolve_device", lambda: _resolve_device)}
+)
