@@ -8,6 +8,30 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _scratch_under_basetemp(tmp_path_factory):
+    """The libraries' scratch files (gradio's upload cache, the empty folders gradio_client downloads
+    through, torchrun's logs) go under pytest's base temp, which pytest prunes, not into /tmp for good.
+    Inductor's cache stays where it is, shared by the workers."""
+    import tempfile
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    names = ("TMPDIR", "GRADIO_TEMP_DIR", "TORCHINDUCTOR_CACHE_DIR")
+    saved, saved_tempdir = {k: os.environ.get(k) for k in names}, tempfile.tempdir
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    scratch = tmp_path_factory.mktemp("scratch")
+    os.environ["TMPDIR"] = tempfile.tempdir = str(scratch)
+    os.environ["GRADIO_TEMP_DIR"] = str(scratch / "gradio")
+    yield
+    tempfile.tempdir = saved_tempdir
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(autouse=True)
 def _seeded_rng():
     """Every test starts from the same global RNG state (layers draw their init from it), so a test's

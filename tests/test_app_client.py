@@ -23,7 +23,7 @@ PROMPT = "a photo of sks dog"
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     with served_app(str(tiny_sd_path()), tmp_path_factory.mktemp("app")) as (url, handlers):
-        yield Client(url, verbose=False), handlers
+        yield Client(url, verbose=False, download_files=tmp_path_factory.mktemp("downloads")), handlers
 
 
 def test_train_then_generate_then_download_through_the_api(client, tmp_path):
